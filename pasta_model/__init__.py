@@ -1,0 +1,1 @@
+"""PASTA: network, task heads, checkpoints, transforms, pretraining, prediction."""

@@ -1,0 +1,1 @@
+"""Coordinator: Flower ServerApp, head-only aggregation, checkpoints, reports, provisioning."""

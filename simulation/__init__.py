@@ -1,0 +1,1 @@
+"""Simulated federations of hospitals on one machine, comparisons, reports, the demo."""
