@@ -1,0 +1,185 @@
+"""The wire format of a federated round, shared by `client` and `server`.
+
+Both sides import this module and never each other. The server's config is
+untrusted input at a site: `RoundConfig.from_config_record` rejects unknown keys,
+wrong types, out-of-range values and anything that looks like a path.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .heads import TASKS
+from .network import HEADS_PREFIX, head_keys
+
+# Reply metric names (MetricRecord keys).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+STEPS = "steps"
+SAMPLE_RATE = "sample-rate"
+REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, STEPS, SAMPLE_RATE)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class ProtocolError(ValueError):
+    """A round message that breaks the protocol; the message names the offending key."""
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.startswith(("~", "."))
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    server_round: int
+    task: str
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+    backbone_sha256: str
+    dp_delta: float
+    planned_rounds: int
+    run_id: str
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_config_record(cls, record: Mapping[str, Any]) -> "RoundConfig":
+        """Parse a (kebab-case) ConfigRecord or plain dict; any problem -> ProtocolError."""
+        by_wire = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(str(k) for k in record if k not in by_wire)
+        if unknown:
+            raise ProtocolError(f"unknown config key(s) {unknown}; expected {sorted(by_wire)}")
+        required = [w for w, f in by_wire.items() if f.default is MISSING]
+        missing = [w for w in required if w not in record]
+        if missing:
+            raise ProtocolError(f"missing config key(s) {missing}")
+        values: dict[str, Any] = {}
+        for wire, f in by_wire.items():
+            if wire not in record:
+                continue
+            value = record[wire]
+            if isinstance(value, str) and _looks_like_path(value):
+                raise ProtocolError(f"config key {wire!r}: path-like value {value!r} refused")
+            values[f.name] = _coerce(wire, value, f.type)
+        return cls(**values)
+
+    def to_config_dict(self) -> dict[str, int | float | str]:
+        """Kebab-case dict to put into a Flower ConfigRecord."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(wire: str, value: Any, type_name: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    if type_name == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ProtocolError(f"config key {wire!r} must be an integer, got {type(value).__name__}")
+        return int(value)
+    if type_name == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ProtocolError(f"config key {wire!r} must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ProtocolError(f"config key {wire!r} must be finite, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ProtocolError(f"config key {wire!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _validate(c: RoundConfig) -> None:
+    def check(ok: bool, wire: str, rule: str) -> None:
+        if not ok:
+            raise ProtocolError(f"config key {wire!r}={getattr(c, wire.replace('-', '_'))!r}: {rule}")
+
+    for name in ("server_round", "local_epochs", "batch_size", "planned_rounds", "seed"):
+        v = getattr(c, name)
+        check(isinstance(v, int) and not isinstance(v, bool), name.replace("_", "-"), "must be an integer")
+    for name in ("learning_rate", "dp_delta", "proximal_mu"):
+        v = getattr(c, name)
+        check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              name.replace("_", "-"), "must be a finite number")
+    for name in ("task", "backbone_sha256", "run_id"):
+        check(isinstance(getattr(c, name), str), name.replace("_", "-"), "must be a string")
+    check(c.server_round >= 1, "server-round", "must be >= 1")
+    check(c.task in TASKS, "task", f"must be one of {list(TASKS)}")
+    check(1 <= c.local_epochs <= 50, "local-epochs", "must be in 1..50")
+    check(0 < c.learning_rate <= 1, "learning-rate", "must be in (0, 1]")
+    check(1 <= c.batch_size <= 1024, "batch-size", "must be in 1..1024")
+    check(_SHA256.fullmatch(c.backbone_sha256) is not None, "backbone-sha256", "must be 64 lowercase hex digits")
+    check(0 < c.dp_delta < 1, "dp-delta", "must be in (0, 1)")
+    check(1 <= c.planned_rounds <= 10000, "planned-rounds", "must be in 1..10000")
+    check(c.server_round <= c.planned_rounds, "server-round", "must not exceed planned-rounds")
+    check(_RUN_ID.fullmatch(c.run_id) is not None and not _looks_like_path(c.run_id),
+          "run-id", "must be 1-64 characters of [A-Za-z0-9_.-], not starting with '.'")
+    check(c.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+
+
+# -- head weights on the wire ------------------------------------------------------------
+def _state_dict(model_or_state_dict: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    return model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+
+
+def heads_to_arrays(model_or_state_dict: nn.Module | Mapping[str, Tensor], task: str) -> dict[str, np.ndarray]:
+    """The heads.<task>.* tensors as numpy arrays: the only weights a site sends."""
+    sd = _state_dict(model_or_state_dict)
+    keys = head_keys(sd, task)
+    if not keys:
+        raise ProtocolError(f"model has no weights for task {task!r}")
+    return {k: sd[k].detach().cpu().numpy().copy() for k in keys}
+
+
+def arrays_to_heads(model: nn.Module, arrays: Mapping[str, np.ndarray | Tensor], task: str) -> None:
+    """Load received head weights; refuses any key outside heads.<task>. and any shape change."""
+    prefix = f"{HEADS_PREFIX}{task}."
+    if task not in TASKS:
+        raise ProtocolError(f"unknown task {task!r}")
+    outside = sorted(k for k in arrays if not k.startswith(prefix))
+    if outside:
+        raise ProtocolError(f"refusing key(s) outside {prefix}*: {outside[:5]}")
+    own = model.state_dict()
+    expected = set(head_keys(own, task))
+    unknown = sorted(set(arrays) - expected)
+    if unknown:
+        raise ProtocolError(f"unknown head key(s) for task {task!r}: {unknown[:5]}")
+    missing = sorted(expected - set(arrays))
+    if missing:
+        raise ProtocolError(f"missing head key(s) for task {task!r}: {missing[:5]}")
+    new: dict[str, Tensor] = {}
+    for key, value in arrays.items():
+        t = value.detach().cpu() if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value).copy())
+        if tuple(t.shape) != tuple(own[key].shape):
+            raise ProtocolError(f"head key {key!r} has shape {tuple(t.shape)}, expected {tuple(own[key].shape)}")
+        if not torch.isfinite(t).all():
+            raise ProtocolError(f"head key {key!r} contains NaN or infinity")
+        new[key] = t.to(own[key].dtype)
+    with torch.no_grad():
+        for key, t in new.items():
+            own[key].copy_(t)
+
+
+def heads_to_array_record(model_or_state_dict: nn.Module | Mapping[str, Tensor], task: str):
+    """A Flower ArrayRecord holding only heads.<task>.* (keeps the model's tensors intact)."""
+    from flwr.app import Array, ArrayRecord
+    arrays = heads_to_arrays(model_or_state_dict, task)
+    return ArrayRecord({key: Array(value) for key, value in arrays.items()})
+
+
+def array_record_to_heads(model: nn.Module, record, task: str) -> None:
+    """Load a Flower ArrayRecord into the model's heads.<task>, refusing anything else."""
+    arrays = {key: array.numpy() for key, array in record.items()}
+    arrays_to_heads(model, arrays, task)
