@@ -1,0 +1,64 @@
+"""The backbone reaches each site once.
+
+Before a site trains for the first time the coordinator asks it (a `query` message)
+whether it holds the backbone with the announced SHA-256; if not, and sending is
+allowed, the coordinator sends the backbone weights once (Flower chunks large
+messages) and the site verifies the hash before caching it under its state_dir.
+"""
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from pasta_model.network import PastaNet, backbone_keys
+
+log = logging.getLogger(__name__)
+
+ACTION_HAS = "has-backbone"
+ACTION_INSTALL = "install-backbone"
+
+
+def _query(node: int, config: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"config": ConfigRecord(config)})
+    if arrays is not None:
+        content["backbone"] = arrays
+    return Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
+
+
+def ensure_backbone(grid: Grid, nodes: list[int], model: PastaNet, sha256: str, *, send: bool,
+                    timeout: float) -> dict[int, str]:
+    """Returns node -> problem for nodes that still lack the backbone (empty when all have it)."""
+    if not nodes:
+        return {}
+    base = {"backbone-sha256": sha256, "preset": model.preset.name}
+    replies = list(grid.send_and_receive([_query(n, {"action": ACTION_HAS, **base}) for n in nodes], timeout=timeout))
+    problems: dict[int, str] = {n: "no reply to the backbone query" for n in nodes}
+    need: list[int] = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            problems[node] = msg.error.reason
+            continue
+        has = int(next(iter(msg.content.metric_records.values())).get("has-backbone", 0))
+        if has:
+            problems.pop(node, None)
+        else:
+            need.append(node)
+    if need and send:
+        state = model.state_dict()
+        arrays = ArrayRecord(torch_state_dict={k: state[k] for k in backbone_keys(state)})
+        log.info("sending the backbone (%.1f MB) to %d site(s)", arrays.count_bytes() / 1e6, len(need))
+        replies = list(grid.send_and_receive(
+            [_query(n, {"action": ACTION_INSTALL, **base}, arrays) for n in need], timeout=timeout))
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                problems[node] = msg.error.reason
+            else:
+                problems.pop(node, None)
+    elif need:
+        for n in need:
+            problems[n] = "site lacks the backbone and send-backbone is off"
+    return problems

@@ -1,0 +1,106 @@
+"""Run settings of a federated run, read from Flower's run config (kebab-case keys).
+
+Defaults live in pyproject's `[tool.flwr.app.config]`; `flwr run . --run-config`
+overrides them. Every key is validated here so that a typo fails at start, not in
+round 7.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+TASKS = ("segment", "detect", "report", "stage", "survival")
+
+
+class SettingsError(ValueError):
+    """A run-config key is unknown, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    num_server_rounds: int = 3
+    task: str = "report"
+    local_epochs: int = 2
+    learning_rate: float = 0.5
+    batch_size: int = 16
+    strategy: str = "fedavg"
+    min_sites: int = 2
+    fraction_sites: float = 1.0
+    round_timeout: float = 600.0
+    round_retries: int = 1
+    dp_delta: float = 1e-5
+    pretrained: str = ""
+    run_dir: str = "runs/federation"
+    resume: bool = True
+    seed: int = 0
+    proximal_mu: float = 0.01
+    trimmed_beta: float = 0.2
+    krum_malicious: int = 0
+    eval_data: str = ""
+    send_backbone: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.name != "extra"}
+        values: dict[str, Any] = {}
+        for key, raw in config.items():
+            if key not in known:
+                raise SettingsError(f"run config: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+            f = known[key]
+            values[f.name] = _coerce(key, raw, f.type)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        checks = [
+            (self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1"),
+            (self.task in TASKS, "task", f"must be one of {TASKS}"),
+            (1 <= self.local_epochs <= 50, "local-epochs", "must be in 1..50"),
+            (0 < self.learning_rate <= 10, "learning-rate", "must be in (0, 10]"),
+            (1 <= self.batch_size <= 1024, "batch-size", "must be in 1..1024"),
+            (self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}"),
+            (self.min_sites >= 1, "min-sites", "must be >= 1"),
+            (0 < self.fraction_sites <= 1, "fraction-sites", "must be in (0, 1]"),
+            (self.round_timeout > 0, "round-timeout", "must be > 0"),
+            (self.round_retries >= 0, "round-retries", "must be >= 0"),
+            (0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)"),
+            (self.proximal_mu >= 0, "proximal-mu", "must be >= 0"),
+            (0 <= self.trimmed_beta < 0.5, "trimmed-beta", "must be in [0, 0.5)"),
+            (self.krum_malicious >= 0, "krum-malicious", "must be >= 0"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise SettingsError(f"run config: {key} {why}, got {getattr(self, key.replace('-', '_'))!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+
+def _coerce(key: str, raw: Any, type_name: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if type_name == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return raw.lower() in ("true", "1", "yes")
+            if isinstance(raw, int) and raw in (0, 1):
+                return bool(raw)
+            raise ValueError
+        if type_name == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if type_name == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if type_name == "str":
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    raise SettingsError(f"run config: {key} must be a {type_name}, got {raw!r}")
