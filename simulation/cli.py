@@ -14,6 +14,8 @@ import sys
 # `set_defaults(func=...)`, where func(args) returns an exit code.
 COMMAND_MODULES = (
     "synth.cli",
+    "server.cli",
+    "client.cli",
 )
 
 

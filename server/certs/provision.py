@@ -1,0 +1,232 @@
+"""Provisioning steps the coordinator runs: create the consortium, add a hospital,
+and say what to hand to a hospital.
+
+Each step checks every file it would write before writing any, so a refusal leaves
+the folder exactly as it was.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from . import pki
+from .files import (
+    Layout,
+    ProvisioningError,
+    check_hospital_name,
+    refuse_existing,
+    write_private,
+    write_public,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER_DAYS = 365
+DEFAULT_CA_DAYS = 3650
+# node-config key through which a SuperNode tells the ClientApp where its YAML is.
+HOSPITAL_CONFIG_KEY = "hospital-config"
+# Name of the SuperLink connection in the coordinator's Flower config ($FLWR_HOME).
+DEFAULT_CONNECTION = "pasta-fed"
+
+
+@dataclass(frozen=True)
+class HospitalKeys:
+    name: str
+    private_key: Path
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class Consortium:
+    layout: Layout
+    server_names: tuple[str, ...]
+    hospitals: tuple[HospitalKeys, ...]
+
+
+def _hospital_keys(layout: Layout, name: str) -> HospitalKeys:
+    return HospitalKeys(name, layout.hospital_key(name), layout.hospital_pub(name))
+
+
+def _write_hospital(keys: HospitalKeys) -> None:
+    keys.private_key.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = pki.new_ec_key()
+    # Private key first: a .pub without its .key would look registered-but-unusable.
+    write_private(keys.private_key, pki.node_private_openssh(key))
+    write_public(keys.public_key, pki.node_public_openssh(key, f"pasta-fed-{keys.name}"))
+    log.info("hospital %s: SuperNode key pair in %s", keys.name, keys.private_key.parent)
+
+
+def init_consortium(
+    out: Path,
+    server_names: Sequence[str],
+    hospitals: Sequence[str] = (),
+    *,
+    force: bool = False,
+    days: int = DEFAULT_SERVER_DAYS,
+    ca_days: int = DEFAULT_CA_DAYS,
+    ca_name: str = "PASTA-Fed consortium CA",
+) -> Consortium:
+    """Create CA, SuperLink TLS certificate and hospital key pairs under `out`.
+
+    Refuses (ProvisioningError naming the files) if any target exists and not
+    `force`; with `force` every target is replaced, including the CA, which means
+    every hospital must receive the new `ca.crt`.
+    """
+    layout = Layout(Path(out))
+    names = [n.strip() for n in server_names if n.strip()]
+    try:
+        pki.parse_server_names(names)  # validate before touching the disk
+    except ValueError as err:
+        raise ProvisioningError(f"--server-name: {err}") from err
+    hospital_names = [check_hospital_name(h) for h in hospitals]
+    if len(set(hospital_names)) != len(hospital_names):
+        raise ProvisioningError(f"--hospitals: a name is given twice: {hospital_names}")
+    keys = [_hospital_keys(layout, h) for h in hospital_names]
+    targets = [layout.ca_cert, layout.ca_key, layout.server_cert, layout.server_key]
+    targets += [p for k in keys for p in (k.private_key, k.public_key)]
+    refuse_existing(targets, force)
+
+    try:
+        ca = pki.make_ca(ca_name, ca_days)
+        server = pki.make_server_cert(ca, names, days)
+    except ValueError as err:
+        raise ProvisioningError(str(err)) from err
+    layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(layout.ca_key, pki.key_pem(ca.key))
+    write_public(layout.ca_cert, pki.cert_pem(ca.cert))
+    write_private(layout.server_key, pki.key_pem(server.key))
+    write_public(layout.server_cert, pki.cert_pem(server.cert))
+    log.info("consortium CA %s and SuperLink certificate for %s", layout.ca_cert,
+             ", ".join(names))
+    for k in keys:
+        _write_hospital(k)
+    return Consortium(layout, tuple(names), tuple(keys))
+
+
+def add_hospital(out: Path, name: str, *, force: bool = False) -> HospitalKeys:
+    """A new SuperNode key pair for hospital `name` in an existing consortium folder."""
+    layout = Layout(Path(out))
+    if not layout.ca_cert.is_file():
+        raise ProvisioningError(
+            f"{layout.ca_cert}: no consortium CA here; run `pasta-fed certs init` first"
+        )
+    keys = _hospital_keys(layout, name)
+    refuse_existing([keys.private_key, keys.public_key], force)
+    _write_hospital(keys)
+    return keys
+
+
+def server_names_of(cert_path: Path) -> list[str]:
+    """The SAN entries (DNS names and IPs, as text) of a certificate file."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+@dataclass(frozen=True)
+class Handout:
+    """What a hospital receives and what the coordinator runs to admit it."""
+
+    hospital: str
+    ca_cert: Path
+    private_key: Path
+    public_key: Path
+    superlink: str
+    connection: str
+    hospital_config: str
+
+    @property
+    def supernode_command(self) -> list[str]:
+        """Run at the hospital, with the handed-out files in the working folder."""
+        return [
+            "flower-supernode",
+            "--superlink", self.superlink,
+            "--root-certificates", self.ca_cert.name,
+            "--auth-supernode-private-key", self.private_key.name,
+            "--node-config", f'{HOSPITAL_CONFIG_KEY}="{self.hospital_config}"',
+        ]
+
+    @property
+    def register_command(self) -> list[str]:
+        """Run at the coordinator (flwr 1.42: public key file, then connection name)."""
+        return ["flwr", "supernode", "register", str(self.public_key), self.connection]
+
+    @property
+    def flower_config(self) -> str:
+        """The coordinator's `$FLWR_HOME/config.toml` section for `connection`."""
+        return (
+            f"[superlink.{self.connection}]\n"
+            f'address = "{self.superlink}"\n'
+            f'root-certificates = "{self.ca_cert.resolve()}"\n'
+        )
+
+    def render(self) -> str:
+        return "\n".join([
+            f"== Hand to hospital '{self.hospital}' (over a channel you trust; the "
+            "private key is theirs alone, delete your copy once delivered)",
+            f"  CA certificate : {self.ca_cert}",
+            f"  private key    : {self.private_key}",
+            f"  SuperLink      : {self.superlink}",
+            "",
+            "== The hospital runs (in the folder holding both files):",
+            "  " + shlex.join(self.supernode_command),
+            "",
+            "== The coordinator registers it (once) with:",
+            "  " + shlex.join(self.register_command),
+            f"  where $FLWR_HOME/config.toml (default ~/.flwr/config.toml) has:",
+            *("    " + line for line in self.flower_config.splitlines()),
+            "",
+        ])
+
+
+def _normal_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+def _check_superlink_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProvisioningError(
+            f"--superlink {address!r}: expected HOST:PORT, e.g. superlink.example.org:8000"
+        )
+    return address
+
+
+def make_handout(
+    out: Path,
+    name: str,
+    superlink: str,
+    *,
+    connection: str = DEFAULT_CONNECTION,
+    hospital_config: str = "hospital.yaml",
+) -> Handout:
+    """Describe the handout for `name`; checks the files exist and the host is a SAN."""
+    layout = Layout(Path(out))
+    keys = _hospital_keys(layout, name)
+    for path in (layout.ca_cert, keys.private_key, keys.public_key):
+        if not path.is_file():
+            hint = ("run `pasta-fed certs init`" if path == layout.ca_cert
+                    else f"run `pasta-fed certs add-hospital {name}`")
+            raise ProvisioningError(f"{path}: missing; {hint}")
+    _check_superlink_address(superlink)
+    host = _normal_host(superlink.rpartition(":")[0])
+    if layout.server_cert.is_file():
+        sans = server_names_of(layout.server_cert)
+        if host not in [_normal_host(s) for s in sans]:
+            raise ProvisioningError(
+                f"{layout.server_cert}: SuperLink host {host!r} is not among the "
+                f"certificate's names {sans}; TLS would fail at the hospital"
+            )
+    return Handout(name, layout.ca_cert, keys.private_key, keys.public_key,
+                   superlink, connection, hospital_config)
