@@ -1,13 +1,14 @@
 """DICOM series: header-only scan with pydicom, slice ordering and spacing checks, pixels via SimpleITK/GDCM.
 
-pydicom reads headers only (`stop_before_pixels`), so scanning a large archive is
-cheap; pixels are decoded by GDCM through SimpleITK, which handles the compressed
+pydicom reads headers only (large values such as pixel data are located, not
+loaded), so scanning a large archive is cheap and truncated files are caught early; pixels are decoded by GDCM through SimpleITK, which handles the compressed
 transfer syntaxes (JPEG lossless, JPEG 2000, RLE) and applies each slice's rescale
 slope and intercept.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,19 +73,46 @@ def _looks_like_dicom(ds: pydicom.Dataset) -> bool:
     return "SOPClassUID" in ds or "SeriesInstanceUID" in ds
 
 
+def _parse(path: Path, force: bool) -> pydicom.Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True, force=force)
+
+
+def _pixel_problem(path: Path) -> str | None:
+    """Why a CT slice's pixel data is unusable (missing, truncated), or None.
+
+    Parses the file again with large values deferred: native pixel data is located
+    by offset and length (not loaded), encapsulated data is walked to its delimiter.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, defer_size="1 KB")
+        except Exception as err:
+            return f"{path.name}: damaged pixel data: {err}"
+    pixels = ds.get_item("PixelData")
+    if pixels is None:
+        note = f" ({caught[0].message})" if caught else ""
+        return f"{path.name}: no readable pixel data, file truncated or damaged{note}"
+    size = path.stat().st_size
+    if pixels.length != 0xFFFFFFFF and pixels.value_tell + pixels.length > size:
+        return (f"{path.name}: truncated: pixel data needs {pixels.length} bytes, file ends "
+                f"{pixels.value_tell + pixels.length - size} bytes short")
+    return None
+
+
 def read_slice_header(path: Path) -> SliceHeader | FileVerdict:
     """Classify one file from its header: a CT slice, or why it is skipped or broken."""
     try:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = _parse(path, force=False)
         except InvalidDicomError:
             # Some archives drop the 128-byte preamble; accept those if real tags parse.
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = _parse(path, force=True)
             if not _looks_like_dicom(ds):
                 return FileVerdict(path, "skipped", "not a DICOM file")
     except InvalidDicomError:
         return FileVerdict(path, "skipped", "not a DICOM file")
-    except Exception as err:  # truncated or garbled header
+    except Exception as err:  # garbled header
         return FileVerdict(path, "error", f"damaged DICOM file {path.name}: {err}",
                            series_uid=_salvage_series_uid(path))
 
@@ -97,6 +125,9 @@ def read_slice_header(path: Path) -> SliceHeader | FileVerdict:
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     patient_id = str(ds.get("PatientID", "") or "")
     if not series_uid:
+        if media_class:   # a Part-10 file whose dataset ends early
+            return FileVerdict(path, "error", f"damaged DICOM file {path.name}: header ends "
+                                              "early (truncated?)")
         return FileVerdict(path, "skipped", "DICOM file without SeriesInstanceUID")
 
     def verdict(status: str, reason: str) -> FileVerdict:
@@ -112,6 +143,9 @@ def read_slice_header(path: Path) -> SliceHeader | FileVerdict:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return verdict("skipped", "localizer (scout) image")
+    problem = _pixel_problem(path)
+    if problem:
+        return verdict("error", problem)
     missing = [k for k in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient",
                            "ImagePositionPatient") if ds.get(k) in (None, "")]
     if missing:

@@ -6,7 +6,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from client.ingest import discover_cases, labels_for, read_case, read_labels, scan_site
+from client.ingest import IngestError, discover_cases, labels_for, read_case, read_labels, scan_site
 from client.site_config import load_site_config
 
 JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
@@ -85,20 +85,44 @@ def test_truncated_slice_fails_its_series_only(tmp_path, w, rng):
     good = w.pydicom_series(tmp_path / "images" / "s2", w.ramp(), patient_id="GOOD", rng=rng)
     victim = broken.files[3]
     victim.write_bytes(victim.read_bytes()[:-300])             # pixel data cut short
-    cases = {c.case_id: c for c in discover_cases(_site(tmp_path, w))}
-    assert set(cases) == {broken.case_id, good.case_id}       # headers are still fine
-    with pytest.raises(Exception) as err:
-        read_case(cases[broken.case_id])
+    scan = scan_site(_site(tmp_path, w))
+    found = _by_id(scan)
+    assert found[broken.case_id].status == "error"
+    assert victim.name in found[broken.case_id].reason
+    assert "truncated" in found[broken.case_id].reason
+    assert [c.case_id for c in scan.cases] == [good.case_id]
+    np.testing.assert_allclose(read_case(scan.cases[0]).hu_array(), good.hu, atol=1e-3)
+
+
+def test_file_damaged_after_discovery_fails_read_naming_the_file(tmp_path, w, rng):
+    series = w.pydicom_series(tmp_path / "images", w.ramp(), rng=rng)
+    (source,) = discover_cases(_site(tmp_path, w))
+    victim = series.files[6]
+    victim.write_bytes(victim.read_bytes()[:-300])
+    with pytest.raises(IngestError) as err:
+        read_case(source)
     assert victim.name in str(err.value) and "truncated" in str(err.value)
-    np.testing.assert_allclose(read_case(cases[good.case_id]).hu_array(), good.hu, atol=1e-3)
 
 
-def test_header_truncated_file_fails_its_series(tmp_path, w, rng):
+@pytest.mark.parametrize("keep_bytes", [300, 700])
+def test_header_truncated_file_fails_its_series(tmp_path, w, rng, keep_bytes):
     series = w.pydicom_series(tmp_path / "images", w.ramp(), rng=rng)
     victim = series.files[2]
-    victim.write_bytes(victim.read_bytes()[:700])              # cut inside the header
-    found = _by_id(scan_site(_site(tmp_path, w)))
-    assert found[series.case_id].status == "error"
+    victim.write_bytes(victim.read_bytes()[:keep_bytes])       # cut inside the header
+    scan = scan_site(_site(tmp_path, w))
+    assert scan.cases == []
+    errors = [r for r in scan.rejected if r.status == "error"]
+    assert any(victim.name in r.reason for r in errors)        # named, not silently dropped
+    assert not [r for r in scan.rejected if r.status == "skipped"]
+
+
+def test_truncated_jpeg2000_slice_fails_its_series(tmp_path, w, rng):
+    series = w.sitk_series(tmp_path / "images", w.ramp(low=-1000), rng=rng)
+    victim = series.files[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    (rejected,) = scan_site(_site(tmp_path, w)).rejected
+    assert rejected.case_id == series.case_id and rejected.status == "error"
+    assert victim.name in rejected.reason
 
 
 def test_missing_slice_is_an_error_naming_the_gap(tmp_path, w, rng):
