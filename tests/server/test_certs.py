@@ -3,9 +3,11 @@ with Flower's own key loaders; one slow test runs a real TLS flower-superlink.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import json
+import shlex
 import shutil
 import signal
 import socket
@@ -31,6 +33,7 @@ from server.certs import (
     make_handout,
 )
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "provisioning.md"
 NAMES = ["localhost", "127.0.0.1", "superlink.example.org", "10.0.0.7", "::1"]
 VENV_BIN = Path(sys.executable).parent
 
@@ -256,24 +259,58 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def doc_commands(program: str) -> list[list[str]]:
+    """Command lines in docs/provisioning.md's ```bash blocks that start with `program`."""
+    lines, in_bash = [], False
+    for line in DOC.read_text().splitlines():
+        if line.strip().startswith("```"):
+            in_bash = line.strip() == "```bash"
+            continue
+        if in_bash and line.strip().startswith(program + " "):
+            lines.append(shlex.split(line))
+    return lines
+
+
+def test_guide_commands_run_as_written(tmp_path, monkeypatch):
+    """Every `pasta-fed certs` and `openssl` line of the guide, in order, succeeds."""
+    monkeypatch.chdir(tmp_path)
+    certs = doc_commands("pasta-fed")
+    assert [c[:3] for c in certs] == [["pasta-fed", "certs", "init"],
+                                      ["pasta-fed", "certs", "add-hospital"],
+                                      ["pasta-fed", "certs", "handout"]]
+    for cmd in certs:
+        assert run_cli(*cmd[1:]) == 0, cmd
+    if shutil.which("openssl"):
+        for cmd in doc_commands("openssl"):
+            subprocess.run(cmd, check=True, capture_output=True)
+    assert Layout(tmp_path / "consortium").hospitals() == ["alpha", "beta", "delta", "gamma"]
+
+
+@pytest.fixture(scope="module")
+def doc_site(tmp_path_factory) -> Path:
+    """A folder where the guide's `certs init` ran (relative paths as in the guide)."""
+    site = tmp_path_factory.mktemp("coordinator")
+    with contextlib.chdir(site):
+        assert run_cli(*doc_commands("pasta-fed")[0][1:]) == 0
+    return site
+
+
 @pytest.fixture
-def tls_superlink(consortium, tmp_path):
-    """A real flower-superlink with our certificates and node auth on; always stopped."""
+def tls_superlink(doc_site, tmp_path):
+    """The guide's flower-superlink command on a free local port; always stopped."""
     exe = VENV_BIN / "flower-superlink"
     if not exe.exists():
         pytest.skip("flower-superlink not installed")
+    (cmd,) = doc_commands("flower-superlink")
     port = _free_port()
+    cmd = [str(exe), *cmd[1:]]
+    cmd[cmd.index("--port") + 1] = str(port)
+    cmd[cmd.index("--host") + 1] = "127.0.0.1"  # the guide binds 0.0.0.0
+    cmd[cmd.index("--database") + 1] = str(tmp_path / "state.db")
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_DISABLE_UPDATE_CHECK="1")
     log = (tmp_path / "superlink.log").open("wb")
-    proc = subprocess.Popen(
-        [str(exe), "--ssl-ca-certfile", str(consortium.ca_cert),
-         "--ssl-certfile", str(consortium.server_cert),
-         "--ssl-keyfile", str(consortium.server_key),
-         "--enable-supernode-auth", "--database", str(tmp_path / "state.db"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(cmd, cwd=doc_site, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_listening(port, proc)
         yield port, env
@@ -284,7 +321,8 @@ def tls_superlink(consortium, tmp_path):
 
 @pytest.mark.slow
 def test_real_superlink_serves_tls_that_only_the_consortium_ca_trusts(
-        consortium, tls_superlink, tmp_path):
+        doc_site, tls_superlink, tmp_path):
+    consortium = Layout(doc_site / "consortium")
     port, env = tls_superlink
     trusting = ssl.create_default_context(cafile=str(consortium.ca_cert))
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
@@ -318,8 +356,9 @@ def _flwr(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_handout_commands_admit_the_registered_hospital_only(consortium, tls_superlink,
+def test_handout_commands_admit_the_registered_hospital_only(doc_site, tls_superlink,
                                                              tmp_path):
+    consortium = Layout(doc_site / "consortium")
     port, env = tls_superlink
     address = f"127.0.0.1:{port}"
     alpha = make_handout(consortium.root, "alpha", address)
