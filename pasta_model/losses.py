@@ -13,7 +13,9 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 
-_dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
+# batch=True: one Dice over the whole batch, so lesion-free crops (empty targets) do not
+# each contribute a 0-or-1 Dice term
+_dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
 def _zero(x: Tensor) -> Tensor:
@@ -34,12 +36,9 @@ def classification_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNO
 
 
 def report_loss(logits: dict[str, Tensor], targets: dict[str, Tensor], ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Sum over report attributes (and lesion type) of their cross-entropies."""
-    total = None
-    for name, lg in logits.items():
-        term = classification_loss(lg, targets[name], ignore_index)
-        total = term if total is None else total + term
-    return total
+    """Mean over report attributes (and lesion type) of their cross-entropies."""
+    terms = [classification_loss(lg, targets[name], ignore_index) for name, lg in logits.items()]
+    return torch.stack(terms).mean()
 
 
 def detection_loss(logits: Tensor, target: Tensor) -> Tensor:

@@ -1,0 +1,104 @@
+"""`pasta-fed pretrain | predict | evaluate` (and the `model` group from cli_model)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _pretrain(args) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    overrides = {"data": args.data, "out": args.out, "preset": args.preset, "epochs": args.epochs,
+                 "max_minutes": args.max_minutes, "device": args.device, "seed": args.seed,
+                 "val_fraction": args.val_fraction, "batch_size": args.batch_size, "lr": args.lr,
+                 "max_cases": args.max_cases}
+    try:
+        if args.config:
+            cfg = PretrainConfig.from_yaml(args.config, **overrides)
+        else:
+            cfg = PretrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+        cfg.resume = args.resume
+        cfg.progress = not args.no_progress
+        path = pretrain(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"pretrain: {exc}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _predict(args) -> int:
+    from .predict import predict
+
+    try:
+        report = predict(args.checkpoint, args.image, args.out, device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"predict: {exc}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "report.txt").read_text(), end="")
+    print(f"mask: {report['mask']}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    try:
+        result = evaluate(args.checkpoint, args.data, device=args.device, max_cases=args.max_cases,
+                          progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"json: {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="multi-task pretraining of PASTA on synthetic CT")
+    p.add_argument("--data", type=Path, required=True, help="dataset root (PASTA-Gen layout)")
+    p.add_argument("--preset", default=None, help="tiny | small | base | paper (default tiny)")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (preparation included)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--config", type=Path, default=None, help="YAML (e.g. configs/pretrain.yaml); flags override it")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_pretrain)
+
+    p = subparsers.add_parser("predict", help="lesion mask and structured report for one CT")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True, help="NIfTI file or DICOM series folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_predict)
+
+    p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a dataset")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+    try:
+        from .cli_model import register_model
+    except ImportError as exc:  # the model command group lives in its own module
+        log.debug("model commands unavailable: %s", exc)
+    else:
+        register_model(subparsers)

@@ -1,0 +1,200 @@
+"""Prediction on one CT (NIfTI file or DICOM series folder): lesion mask plus a structured report.
+
+The mask is segmented at the preset spacing by sliding-window inference, resampled
+back onto the input's own voxel grid and written with the input's own geometry, so it
+overlays the CT in any viewer. The report's lesion sizes are measured from that mask.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import EnsureChannelFirst, LoadImage, ResampleToMatch
+from scipy import ndimage
+
+from synth.vocabulary import ATTRIBUTES, LESION_TYPE_NAMES, T_STAGES
+
+from .checkpoint import load_checkpoint
+from .evaluate import segment_volume
+from .heads import DETECT_OUTPUTS, split_report_logits
+from .network import PastaNet
+from .transforms import build_preprocess, centred_crop, read_dicom_series
+
+log = logging.getLogger(__name__)
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def lesion_components(mask: np.ndarray, spacing, min_voxels: int = 1) -> list[dict]:
+    """Connected lesion components, largest first: voxel count, volume (ml), extent (mm), centre."""
+    lab, n = ndimage.label(mask)
+    out = []
+    sp = np.asarray(spacing, dtype=float)
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        comp = lab[sl] == i
+        nvox = int(comp.sum())
+        if nvox < min_voxels:
+            continue
+        extent = [(s.stop - s.start) * float(d) for s, d in zip(sl, sp)]
+        centre = [int((s.start + s.stop - 1) // 2) for s in sl]
+        out.append({"voxels": nvox, "volume_ml": round(nvox * float(np.prod(sp)) / 1000.0, 3),
+                    "size_mm": [round(e, 1) for e in extent], "center_voxel": centre,
+                    "bbox_voxel": [[s.start, s.stop - 1] for s in sl]})
+    return sorted(out, key=lambda c: -c["voxels"])
+
+
+@torch.no_grad()
+def classify_crop(model: PastaNet, image: torch.Tensor, center, device) -> dict:
+    """Report attributes, lesion type, stage and risk from a crop centred on `center`."""
+    crop = centred_crop(image, center, model.preset.crop_size, 0.0)
+    x = torch.as_tensor(crop)[None].float().to(device)
+    out = model(x, tasks=[t for t in ("report", "stage", "survival") if t in model.heads])
+    result: dict = {}
+    if "report" in out:
+        for name, lg in split_report_logits(out["report"].float()).items():
+            p = torch.softmax(lg[0], 0).cpu()
+            classes = LESION_TYPE_NAMES if name == "lesion_type" else ATTRIBUTES[name]
+            result[name] = {"value": classes[int(p.argmax())], "probability": round(float(p.max()), 4)}
+    if "stage" in out:
+        p = torch.softmax(out["stage"][0].float(), 0).cpu()
+        result["t_stage"] = {"value": T_STAGES[int(p.argmax())], "probability": round(float(p.max()), 4)}
+    if "survival" in out:
+        result["risk_score"] = round(float(out["survival"].reshape(-1)[0]), 4)
+    return result
+
+
+@torch.no_grad()
+def detect_volume(model: PastaNet, image: torch.Tensor, device) -> dict[str, float]:
+    """Tumor probability per organ: max over a grid of detect-size windows (half overlap)."""
+    size = model.preset.detect_crop_size
+    shape = image.shape[1:]
+    starts = [sorted({*range(0, max(s - size, 0) + 1, max(size // 2, 1)), max(s - size, 0)}) for s in shape]
+    best = torch.zeros(len(DETECT_OUTPUTS))
+    batch = []
+
+    def flush():
+        nonlocal best, batch
+        if batch:
+            logits = model(torch.stack(batch).to(device), tasks=["detect"])["detect"].float()
+            best = torch.maximum(best, torch.sigmoid(logits).max(0).values.cpu())
+            batch = []
+
+    for a in starts[0]:
+        for b in starts[1]:
+            for c in starts[2]:
+                centre = [a + size // 2, b + size // 2, c + size // 2]
+                batch.append(torch.as_tensor(centred_crop(image, centre, size, 0.0)).float())
+                if len(batch) >= 8:
+                    flush()
+    flush()
+    return {name: round(float(p), 4) for name, p in zip(DETECT_OUTPUTS, best)}
+
+
+def report_text(report: dict) -> str:
+    """A short English report rendered from report.json's fields."""
+    det = report["detection"]
+    lines = [f"PASTA-Fed prediction for {report['input']}",
+             f"Tumor probability (any): {det['any']:.2f}"]
+    organs = sorted(((p, o) for o, p in det.items() if o != "any"), reverse=True)[:3]
+    lines.append("Most likely organs: " + ", ".join(f"{o} {p:.2f}" for p, o in organs))
+    if not report["lesions"]:
+        lines.append("No lesion segmented.")
+        return "\n".join(lines) + "\n"
+    les = report["lesions"][0]
+    attrs = report.get("primary_lesion", {})
+    lines.append(f"{len(report['lesions'])} lesion(s) segmented; the largest measures "
+                 f"{' x '.join(f'{s:.0f}' for s in les['size_mm'])} mm ({les['volume_ml']:.1f} ml).")
+    if attrs:
+        desc = ", ".join(attrs[k]["value"].replace("_", " ") for k in ATTRIBUTES if k in attrs)
+        lines.append(f"Appearance: {desc}.")
+        if "lesion_type" in attrs:
+            lines.append(f"Most likely lesion type: {attrs['lesion_type']['value'].replace('_', ' ')} "
+                         f"(p={attrs['lesion_type']['probability']:.2f}).")
+        if "t_stage" in attrs:
+            lines.append(f"Estimated T stage: {attrs['t_stage']['value']}.")
+    return "\n".join(lines) + "\n"
+
+
+def _nifti_input(image: Path, workdir: Path) -> tuple[Path, object | None]:
+    """A NIfTI path for `image`; a DICOM folder is read with SimpleITK and written to `workdir`."""
+    if image.is_dir():
+        import SimpleITK as sitk
+        sitk_img = read_dicom_series(image)
+        path = workdir / "input.nii.gz"
+        sitk.WriteImage(sitk_img, str(path))
+        return path, sitk_img
+    if not image.exists():
+        raise FileNotFoundError(f"{image}: no such file or folder")
+    return image, None
+
+
+def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, device: str = "auto",
+            threshold: float = 0.5) -> dict:
+    """Segment, measure and describe one CT; writes mask.nii.gz, report.json and report.txt to `out_dir`."""
+    from .pretrain import select_device
+
+    dev = select_device(device)
+    image, out_dir = Path(image), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, meta = load_checkpoint(checkpoint, device=dev)
+    model.eval()
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        nii, sitk_img = _nifti_input(image, Path(tmp))
+        pre = build_preprocess(model.preset, mask_keys=())
+        d = pre({"image": str(nii)})
+        img = d["image"]
+        prob = segment_volume(model, img, dev) if "segment" in model.heads else torch.zeros(img.shape[1:])
+        # back to the input grid: resample the probability (bilinear), then threshold
+        original = EnsureChannelFirst()(LoadImage(image_only=True)(str(nii)))
+        prob_mt = img.clone()
+        prob_mt.array = prob[None]
+        back = ResampleToMatch(mode="bilinear", padding_mode="zeros")(prob_mt, original)
+        mask = (np.asarray(back[0]) > threshold).astype(np.uint8)
+
+        # lesion sizes from the mask in the input's own geometry
+        ref = nib.load(str(nii))
+        spacing = ref.header.get_zooms()[:3]
+        lesions = lesion_components(mask, spacing)
+
+        primary = {}
+        if lesions:
+            pred_pp = (prob > threshold).numpy()
+            comps = lesion_components(pred_pp, [model.preset.spacing_mm] * 3)
+            if comps:
+                primary = classify_crop(model, img, comps[0]["center_voxel"], dev)
+        detection = detect_volume(model, img, dev) if "detect" in model.heads else {}
+
+        mask_path = out_dir / "mask.nii.gz"
+        tmp_mask = Path(tmp) / "mask.nii.gz"
+        if sitk_img is not None:
+            import SimpleITK as sitk
+            # the DICOM grid: transpose nibabel's (x, y, z) back to SimpleITK's (z, y, x) array order
+            m = sitk.GetImageFromArray(np.transpose(mask, (2, 1, 0)).copy())
+            m.CopyInformation(sitk_img)
+            sitk.WriteImage(m, str(tmp_mask))
+        else:
+            hdr = ref.header.copy()
+            hdr.set_data_dtype(np.uint8)
+            out_img = nib.Nifti1Image(mask, ref.affine, hdr)
+            out_img.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+            out_img.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+            nib.save(out_img, str(tmp_mask))
+        os.replace(tmp_mask, mask_path)
+
+    report = {
+        "input": str(image), "checkpoint": str(checkpoint), "preset": meta.preset,
+        "mask": str(mask_path), "lesions": lesions, "primary_lesion": primary, "detection": detection,
+    }
+    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2))
+    _atomic_write(out_dir / "report.txt", report_text(report))
+    return report
