@@ -4,7 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .certs import ProvisioningError, add_hospital, init_consortium, make_handout
+from .certs import (
+    ProvisioningError,
+    add_hospital,
+    init_consortium,
+    make_handout,
+    renew_server_cert,
+)
 from .certs.provision import (
     DEFAULT_CA_DAYS,
     DEFAULT_CONNECTION,
@@ -53,6 +59,16 @@ def _cmd_add_hospital(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_renew_server(args: argparse.Namespace) -> int:
+    try:
+        names = renew_server_cert(args.out, _split(args.server_name or ""), days=args.days)
+    except ProvisioningError as err:
+        return _fail(err)
+    print(f"SuperLink certificate re-issued for {', '.join(names)}; restart "
+          "flower-superlink to use it (hospitals need nothing new)")
+    return 0
+
+
 def _cmd_handout(args: argparse.Namespace) -> int:
     try:
         handout = make_handout(
@@ -90,6 +106,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="provisioning folder made by `certs init`")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
     p.set_defaults(func=_cmd_add_hospital)
+
+    p = sub.add_parser("renew-server", help="re-issue the SuperLink certificate from the "
+                                            "existing CA (replaces server.crt/.key)")
+    p.add_argument("--out", required=True, help="provisioning folder made by `certs init`")
+    p.add_argument("--server-name", default="",
+                   help="new comma-separated names (default: those of the current certificate)")
+    p.add_argument("--days", type=int, default=DEFAULT_SERVER_DAYS,
+                   help=f"validity in days (default {DEFAULT_SERVER_DAYS})")
+    p.set_defaults(func=_cmd_renew_server)
 
     p = sub.add_parser("handout", help="print what to give a hospital and how to "
                                        "register it with the SuperLink")

@@ -8,6 +8,7 @@ from .provision import (
     add_hospital,
     init_consortium,
     make_handout,
+    renew_server_cert,
     server_names_of,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "add_hospital",
     "init_consortium",
     "make_handout",
+    "renew_server_cert",
     "server_names_of",
 ]

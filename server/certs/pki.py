@@ -193,3 +193,14 @@ def node_public_openssh(key: ec.EllipticCurvePrivateKey, comment: str) -> bytes:
     )
     return line + b" " + comment.encode("ascii") + b"\n"
 
+
+
+def load_ca(cert_pem_bytes: bytes, key_pem_bytes: bytes) -> KeyAndCert:
+    """Re-read a CA written by `cert_pem`/`key_pem`; ValueError if the pair mismatches."""
+    cert = x509.load_pem_x509_certificate(cert_pem_bytes)
+    key = serialization.load_pem_private_key(key_pem_bytes, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("not an EC private key")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise ValueError("the key does not belong to the CA certificate")
+    return KeyAndCert(key, cert)

@@ -122,13 +122,43 @@ def add_hospital(out: Path, name: str, *, force: bool = False) -> HospitalKeys:
     return keys
 
 
+def renew_server_cert(
+    out: Path, server_names: Sequence[str] = (), *, days: int = DEFAULT_SERVER_DAYS
+) -> list[str]:
+    """Re-issue the SuperLink certificate from the existing CA; returns its names.
+
+    Replacing server.crt/server.key is this step's whole purpose, so it needs no
+    `force`; the CA and the hospital keys are untouched, so hospitals need nothing new.
+    Names default to those of the current certificate.
+    """
+    layout = Layout(Path(out))
+    for path in (layout.ca_cert, layout.ca_key):
+        if not path.is_file():
+            raise ProvisioningError(f"{path}: missing; run `pasta-fed certs init` first")
+    try:
+        ca = pki.load_ca(layout.ca_cert.read_bytes(), layout.ca_key.read_bytes())
+    except ValueError as err:
+        raise ProvisioningError(f"{layout.ca_key}: {err}") from err
+    names = [n.strip() for n in server_names if n.strip()]
+    if not names:
+        if not layout.server_cert.is_file():
+            raise ProvisioningError(f"{layout.server_cert}: missing; give --server-name")
+        names = server_names_of(layout.server_cert)
+    try:
+        server = pki.make_server_cert(ca, names, days)
+    except ValueError as err:
+        raise ProvisioningError(f"--server-name: {err}") from err
+    write_private(layout.server_key, pki.key_pem(server.key))
+    write_public(layout.server_cert, pki.cert_pem(server.cert))
+    log.info("SuperLink certificate re-issued for %s", ", ".join(names))
+    return names
+
+
 def server_names_of(cert_path: Path) -> list[str]:
     """The SAN entries (DNS names and IPs, as text) of a certificate file."""
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
-        str(v) for v in san.get_values_for_type(x509.IPAddress)
-    ]
+    return [str(entry.value) for entry in san]  # in certificate order
 
 
 @dataclass(frozen=True)

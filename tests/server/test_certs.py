@@ -31,6 +31,8 @@ from server.certs import (
     add_hospital,
     init_consortium,
     make_handout,
+    renew_server_cert,
+    server_names_of,
 )
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "provisioning.md"
@@ -92,6 +94,36 @@ def test_server_cert_sans_are_exactly_the_given_names(consortium):
         ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.0.0.7"),
         ipaddress.ip_address("::1")]
     assert len(list(san)) == len(NAMES)
+
+
+def test_renew_server_keeps_ca_and_hospitals_and_verifies(tmp_path, capsys):
+    out = tmp_path / "c"
+    init_consortium(out, ["localhost", "127.0.0.1"], ["alpha"])
+    before = snapshot(out)
+    old = load_cert(out / "server.crt")
+    assert run_cli("certs", "renew-server", "--out", str(out), "--days", "30") == 0
+    after = snapshot(out)
+    unchanged = {k for k in before if not k.startswith("server.")}
+    assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
+    new = load_cert(out / "server.crt")
+    assert new.serial_number != old.serial_number
+    assert server_names_of(out / "server.crt") == ["localhost", "127.0.0.1"]
+    assert (new.not_valid_after_utc - new.not_valid_before_utc).days in (29, 30)
+    new.verify_directly_issued_by(load_cert(out / "ca.crt"))
+    assert stat.S_IMODE((out / "server.key").stat().st_mode) == 0o600
+    assert renew_server_cert(out, ["superlink.example.org"]) == ["superlink.example.org"]
+    # a CA key that does not match its certificate is named, nothing is written
+    other = tmp_path / "other"
+    init_consortium(other, ["localhost"])
+    (out / "ca.key").write_bytes((other / "ca.key").read_bytes())
+    kept = (out / "server.crt").read_bytes()
+    assert run_cli("certs", "renew-server", "--out", str(out)) == 1
+    assert str(out / "ca.key") in capsys.readouterr().err
+    assert (out / "server.crt").read_bytes() == kept
+
+
+def test_server_names_keep_the_given_order(consortium):
+    assert server_names_of(consortium.server_cert) == NAMES
 
 
 def test_server_cert_is_server_auth_leaf_and_ca_signs_certs(consortium):
@@ -277,7 +309,8 @@ def test_guide_commands_run_as_written(tmp_path, monkeypatch):
     certs = doc_commands("pasta-fed")
     assert [c[:3] for c in certs] == [["pasta-fed", "certs", "init"],
                                       ["pasta-fed", "certs", "add-hospital"],
-                                      ["pasta-fed", "certs", "handout"]]
+                                      ["pasta-fed", "certs", "handout"],
+                                      ["pasta-fed", "certs", "renew-server"]]
     for cmd in certs:
         assert run_cli(*cmd[1:]) == 0, cmd
     if shutil.which("openssl"):
