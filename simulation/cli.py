@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "synth.cli",
     "server.cli",
     "client.cli",
+    "simulation.commands",
 )
 
 

@@ -1,0 +1,58 @@
+"""`pasta-fed simulate` and `pasta-fed demo`: thin shells over `simulation.runner`."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from simulation.config import DEFAULT_CONFIG, SimulationConfig, SimulationConfigError
+
+log = logging.getLogger(__name__)
+DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.yaml"
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulation.runner import simulate
+    try:
+        if args.resume:
+            report = simulate(SimulationConfig(), Path(args.resume), resume=True)
+        else:
+            cfg = SimulationConfig.load(args.config, hospitals=args.hospitals, rounds=args.rounds,
+                                        preset=args.preset, task=args.task, epsilon=args.epsilon,
+                                        seed=args.seed, pretrained=args.pretrained)
+            report = simulate(cfg, Path(args.out))
+    except SimulationConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from simulation.runner import simulate
+    out = Path(args.out)
+    try:
+        report = simulate(SimulationConfig.load(DEMO_CONFIG), out, resume=(out / "simulation.json").exists())
+    except SimulationConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a federation of hospitals on this machine")
+    p.add_argument("--config", type=Path, default=None, help=f"YAML (default {DEFAULT_CONFIG.name})")
+    p.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run directory")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN", help="continue a stopped simulation")
+    p.add_argument("--hospitals", type=int)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--preset")
+    p.add_argument("--task", choices=["segment", "detect", "report", "stage", "survival"])
+    p.add_argument("--epsilon", type=float, help="each site's privacy budget")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--pretrained", help="a pasta-fed checkpoint (default: pretrain one or reuse the cached one)")
+    p.set_defaults(func=_simulate)
+    d = sub.add_parser("demo", help="the main job: synthetic data, pretraining, a 3-hospital DP federation, a report")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.set_defaults(func=_demo)

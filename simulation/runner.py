@@ -1,0 +1,93 @@
+"""`pasta-fed simulate`: pretrained model -> simulated hospitals -> federation -> comparisons -> report."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pasta_model.finetune import PRIMARY_METRIC
+from server.run_state import atomic_write_json
+from server.settings import RunSettings
+from simulation.config import SimulationConfig, SimulationConfigError
+from simulation.hospitals import build_site, make_profiles, profile_table
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "PASTA_FED_CACHE"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "runs/.cache"))
+
+
+def ensure_pretrained(cfg: SimulationConfig) -> Path:
+    """The configured checkpoint, or one pretrained here on synthetic data (made once, then reused)."""
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not path.exists():
+            raise SimulationConfigError(f"pretrained: {path} does not exist")
+        return path
+    from pasta_model.pretrain import PretrainConfig, pretrain
+    from synth.dataset import generate_dataset
+    key = f"{cfg.preset}-n{cfg.pretrain_cases}-v{cfg.volume_size}-m{cfg.pretrain_minutes:g}-s{cfg.seed}"
+    home = cache_root() / f"pretrained-{key}"
+    final = home / "pretrained.ckpt"
+    if final.exists():
+        log.info("reusing the pretrained checkpoint %s", final)
+        return final
+    log.info("pretraining %s on %d synthetic cases (at most %.1f min) into %s",
+             cfg.preset, cfg.pretrain_cases, cfg.pretrain_minutes, home)
+    generate_dataset(home / "data", cfg.pretrain_cases, size=cfg.volume_size, seed=cfg.seed + 104729,
+                     workers=max(1, min(2, os.cpu_count() or 1)))
+    ckpt = pretrain(PretrainConfig(data=home / "data", out=home / "run", preset=cfg.preset,
+                                   max_minutes=cfg.pretrain_minutes, seed=cfg.seed, epochs=1000))
+    tmp = final.with_name(".pretrained.ckpt.tmp")
+    shutil.copyfile(ckpt, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
+    """Run (or resume) a simulated federation; returns the report path."""
+    out = Path(out)
+    stored = out / "simulation.json"
+    if resume:
+        if not stored.exists():
+            raise SimulationConfigError(f"--resume {out}: no simulation.json there (not a simulation run)")
+        cfg = SimulationConfig.from_mapping(json.loads(stored.read_text())["config"], str(stored))
+        log.info("resuming the simulation in %s with its stored settings", out)
+    elif stored.exists():
+        raise SimulationConfigError(f"{out} already holds a simulation; use --resume {out} or another --out")
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    pretrained = ensure_pretrained(cfg)
+    timings["pretrained checkpoint (made or reused)"] = time.monotonic() - t0
+    atomic_write_json(stored, {"config": cfg.to_dict(), "pretrained": str(pretrained)})
+
+    t0 = time.monotonic()
+    profiles = make_profiles(cfg.hospitals, cfg.seed, cfg.cases_min, cfg.cases_max, cfg.heldout_cases)
+    sites = [build_site(out, p, cfg.volume_size, cfg.epsilon, cfg.delta, cfg.max_grad_norm, backbone=None)
+             for p in profiles]
+    timings["generating hospital data"] = time.monotonic() - t0
+
+    from simulation.federation import run_federated   # Flower/Ray imports only when needed
+    settings = RunSettings(
+        num_server_rounds=cfg.rounds, task=cfg.task, local_epochs=cfg.local_epochs,
+        learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, strategy=cfg.strategy,
+        min_sites=2, dp_delta=cfg.delta, pretrained=str(pretrained), run_dir=str(out), resume=True,
+        seed=cfg.seed, round_timeout=1800.0)
+    t0 = time.monotonic()
+    run_federated(settings, [s.config for s in sites])
+    timings["federation (all rounds)"] = time.monotonic() - t0
+
+    from simulation.comparisons import run_comparisons
+    from simulation.report import write_simulation_report
+    t0 = time.monotonic()
+    table = run_comparisons(cfg, sites, pretrained, out / "final.ckpt")
+    timings["comparisons"] = time.monotonic() - t0
+    small = [s.profile.name for s in sites[1:]]
+    return write_simulation_report(out, config=cfg.to_dict(), sites=profile_table(sites), table=table,
+                                   metric=PRIMARY_METRIC[cfg.task], timings=timings, small_sites=small)
