@@ -1,0 +1,293 @@
+"""DP-SGD for task heads on cached backbone features (Opacus), and the same loop without DP.
+
+One row of `inputs` is one patient: Poisson sampling and per-sample clipping then
+bound what any one patient can change, which is what the ledger's epsilon means.
+Rows sharing a patient id are rejected (pick one scan per patient first, e.g. with
+`first_row_per_patient`).
+
+Accounting uses ONE accountant across rounds: `private_round` reserves the round's
+cost in the ledger, hands the ledger's restored accountant to the PrivacyEngine (so
+Opacus appends this round's steps to the model's whole history), and commits after
+training -- the epsilon reported covers every round so far, not just this one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants.accountant import IAccountant
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .ledger import PrivacyLedger, make_accountant
+from .planning import poisson_schedule
+
+log = logging.getLogger(__name__)
+
+Targets = Tensor | Mapping[str, Tensor]
+LossFn = Callable[[Tensor, Tensor | dict[str, Tensor]], Tensor]
+
+
+@dataclass
+class DPTrainResult:
+    loss: float                 # mean training loss over the samples seen this round
+    steps: int                  # optimizer (privacy) steps taken this round
+    sample_rate: float          # Poisson sample rate per step (plain: batch fraction)
+    noise_multiplier: float     # 0.0 without DP
+    epsilon: float | None       # epsilon over the model's whole history after this round (None: no DP/no delta)
+    delta: float | None
+    num_examples: int           # patients (rows); FedAvg weights sites by this
+    epochs: int
+    seconds: float
+    device: str
+    head: nn.Module = field(repr=False)                     # the trained module (the caller's, unless fixed)
+    accountant: IAccountant | None = field(default=None, repr=False)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when present, else cpu; chosen at run time, never at import."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def check_one_row_per_patient(patient_ids: Sequence | None, n_rows: int) -> None:
+    """Patient-level DP needs one sample per patient: reject duplicated patient ids."""
+    if patient_ids is None:
+        return
+    ids = list(patient_ids)
+    if len(ids) != n_rows:
+        raise ValueError(f"patient_ids has {len(ids)} entries for {n_rows} rows")
+    seen: set = set()
+    dups = sorted({str(p) for p in ids if p in seen or seen.add(p)})
+    if dups:
+        shown = ", ".join(dups[:5]) + (" ..." if len(dups) > 5 else "")
+        raise ValueError(f"{len(dups)} patient(s) have several rows ({shown}); DP-SGD needs one row per "
+                         f"patient for the guarantee to be patient-level: keep one scan per patient "
+                         f"(first_row_per_patient) or aggregate them")
+
+
+def first_row_per_patient(patient_ids: Sequence) -> list[int]:
+    """Indices of the first row of each patient, in order."""
+    seen: set = set()
+    return [i for i, p in enumerate(patient_ids) if not (p in seen or seen.add(p))]
+
+
+def _dataset(inputs: Tensor, targets: Targets) -> tuple[TensorDataset, tuple[str, ...] | None]:
+    n = inputs.shape[0]
+    if isinstance(targets, Mapping):
+        keys = tuple(targets)
+        tensors = [torch.as_tensor(targets[k]) for k in keys]
+    else:
+        keys, tensors = None, [torch.as_tensor(targets)]
+    for name, t in zip(keys or ("targets",), tensors):
+        if t.shape[0] != n:
+            raise ValueError(f"{name} has {t.shape[0]} rows, inputs have {n}")
+    return TensorDataset(inputs, *tensors), keys
+
+
+def _unpack(batch, keys, device):
+    x = batch[0].to(device, non_blocking=True)
+    ys = [t.to(device, non_blocking=True) for t in batch[1:]]
+    return x, (dict(zip(keys, ys)) if keys is not None else ys[0])
+
+
+def _proximal_step(params: Sequence[nn.Parameter], global_params: Sequence[Tensor], lr: float, mu: float) -> None:
+    """FedProx: w -= lr * mu * (w - w_global), the gradient of mu/2 ||w - w_global||^2.
+
+    Applied as its own step rather than added to the loss: Opacus builds the update from
+    per-sample gradients of the data term only, so a proximal term in the loss would be
+    silently dropped under DP. It depends on no patient data, so it costs no privacy.
+    """
+    with torch.no_grad():
+        for p, g in zip(params, global_params):
+            p.sub_(lr * mu * (p - g))
+
+
+def _global_tensors(head: nn.Module, global_params, device) -> list[Tensor] | None:
+    if global_params is None:
+        return None
+    if isinstance(global_params, Mapping):
+        names = [n for n, _ in head.named_parameters()]
+        missing = [n for n in names if n not in global_params]
+        if missing:
+            raise ValueError(f"global_params lacks {missing[:3]}")
+        return [torch.as_tensor(global_params[n]).to(device) for n in names]
+    return [torch.as_tensor(g).to(device) for g in global_params]
+
+
+def _prepared_head(head: nn.Module) -> nn.Module:
+    errors = ModuleValidator.validate(head, strict=False)
+    if not errors:
+        return head
+    fixed = ModuleValidator.fix(head)
+    remaining = ModuleValidator.validate(fixed, strict=False)
+    if remaining:
+        raise ValueError(f"head cannot be trained with DP-SGD: {remaining}")
+    log.warning("head was not DP-compatible (%s); training a fixed copy (see result.head)", errors)
+    return fixed
+
+
+def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, *, epochs: int,
+                  batch_size: int, lr: float, noise_multiplier: float, max_grad_norm: float,
+                  device: str | torch.device = "auto", seed: int = 0, accountant: IAccountant | None = None,
+                  mechanism: str = "rdp", delta: float | None = None, patient_ids: Sequence | None = None,
+                  max_physical_batch_size: int | None = None, global_params=None, prox_mu: float = 0.0,
+                  momentum: float = 0.0, grad_sample_mode: str = "hooks") -> DPTrainResult:
+    """Fine-tune `head` with DP-SGD: Poisson sampling, per-sample clipping, Gaussian noise.
+
+    `loss_fn(outputs, targets)` must be a mean over the batch's samples. `accountant`
+    (e.g. a ledger reservation's) receives this round's steps; without it a fresh one
+    of `mechanism` is used and the result's epsilon covers this round only.
+    """
+    t0 = time.perf_counter()
+    if noise_multiplier <= 0:
+        raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    check_one_row_per_patient(patient_ids, inputs.shape[0])
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    dataset, keys = _dataset(inputs, targets)
+    n = len(dataset)
+    sched = poisson_schedule(n, batch_size)
+
+    module = _prepared_head(head).to(dev)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    globals_ = _global_tensors(module, global_params, dev)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+    # secure_mode (a CSPRNG for noise and sampling) is off: documented in docs/privacy.md.
+    warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+    # Heads on cached features: inputs never need gradients, which Opacus' hooks warn about.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    engine = PrivacyEngine(accountant=accountant.mechanism() if accountant is not None else mechanism)
+    if accountant is not None:
+        engine.accountant = accountant  # before make_private: the step hook binds to this object
+    steps_before = sum(s for _, _, s in engine.accountant.history)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        generator=torch.Generator().manual_seed(seed))
+    noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    gs_module, dp_optimizer, dp_loader = engine.make_private(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=noise_gen,
+        grad_sample_mode=grad_sample_mode)
+    if abs(dp_optimizer.expected_batch_size - n * sched.sample_rate) > 1:
+        log.debug("expected batch %s vs planned %s", dp_optimizer.expected_batch_size, n * sched.sample_rate)
+
+    loss_sum, seen = 0.0, 0
+    try:
+        for _ in range(epochs):
+            with BatchMemoryManager(data_loader=dp_loader,
+                                    max_physical_batch_size=max_physical_batch_size or max(batch_size, 1),
+                                    optimizer=dp_optimizer) as physical:
+                for batch in physical:
+                    x, y = _unpack(batch, keys, dev)
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    out = gs_module(x)
+                    if x.shape[0] == 0:  # empty Poisson batch: still a step (noise only), no loss to log
+                        loss = out.sum() * 0.0
+                    else:
+                        loss = loss_fn(out, y)
+                        loss_sum += float(loss.detach()) * x.shape[0]
+                        seen += x.shape[0]
+                    loss.backward()
+                    dp_optimizer.step()
+                    if prox_mu and globals_ is not None and not dp_optimizer._is_last_step_skipped:
+                        _proximal_step(params, globals_, lr, prox_mu)
+    finally:
+        gs_module._close()  # remove Opacus hooks and per-sample attributes from the head
+        for p in params:
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None  # the last noisy gradient is not part of the result
+    acc = engine.accountant
+    steps = sum(s for _, _, s in acc.history) - steps_before
+    eps = float(acc.get_epsilon(delta=delta)) if delta is not None else None
+    return DPTrainResult(loss=loss_sum / max(seen, 1), steps=steps, sample_rate=sched.sample_rate,
+                         noise_multiplier=float(noise_multiplier), epsilon=eps, delta=delta, num_examples=n,
+                         epochs=epochs, seconds=time.perf_counter() - t0, device=str(dev), head=module,
+                         accountant=acc)
+
+
+def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, *, epochs: int,
+                     batch_size: int, lr: float, noise_multiplier: float = 0.0, max_grad_norm: float = 0.0,
+                     device: str | torch.device = "auto", seed: int = 0, accountant: IAccountant | None = None,
+                     mechanism: str = "rdp", delta: float | None = None, patient_ids: Sequence | None = None,
+                     max_physical_batch_size: int | None = None, global_params=None, prox_mu: float = 0.0,
+                     momentum: float = 0.0, grad_sample_mode: str = "hooks") -> DPTrainResult:
+    """The same loop without DP (shuffled fixed-size batches): the non-private baseline.
+
+    Takes train_head_dp's arguments so the two are interchangeable; the DP-only ones
+    (noise, clipping, accountant) are ignored.
+    """
+    t0 = time.perf_counter()
+    check_one_row_per_patient(patient_ids, inputs.shape[0])
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    dataset, keys = _dataset(inputs, targets)
+    n = len(dataset)
+    module = head.to(dev)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    globals_ = _global_tensors(module, global_params, dev)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    loss_sum, seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for batch in loader:
+            x, y = _unpack(batch, keys, dev)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(module(x), y)
+            loss.backward()
+            optimizer.step()
+            if prox_mu and globals_ is not None:
+                _proximal_step(params, globals_, lr, prox_mu)
+            loss_sum += float(loss.detach()) * x.shape[0]
+            seen += x.shape[0]
+            steps += 1
+    return DPTrainResult(loss=loss_sum / max(seen, 1), steps=steps, sample_rate=min(1.0, batch_size / n),
+                         noise_multiplier=0.0, epsilon=None, delta=None, num_examples=n, epochs=epochs,
+                         seconds=time.perf_counter() - t0, device=str(dev), head=module)
+
+
+def private_round(ledger: PrivacyLedger, *, run_id: str, round: int, max_epsilon: float, delta: float,
+                  head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, epochs: int,
+                  batch_size: int, lr: float, noise_multiplier: float, max_grad_norm: float,
+                  task: str | None = None, replay: bool = False, **train_kwargs) -> DPTrainResult:
+    """One federated round at a site: reserve its cost, train with the ledger's accountant, commit.
+
+    Raises ledger.BudgetExceeded before touching the head when the round does not fit;
+    the ledger is durably updated before this returns (i.e. before any reply is sent).
+    """
+    sched = poisson_schedule(inputs.shape[0], batch_size)
+    check_one_row_per_patient(train_kwargs.get("patient_ids"), inputs.shape[0])
+    reservation = ledger.reserve(run_id=run_id, round=round, noise_multiplier=noise_multiplier,
+                                 sample_rate=sched.sample_rate, steps=sched.steps_per_epoch * epochs,
+                                 max_epsilon=max_epsilon, delta=delta, task=task, replay=replay)
+    accountant = reservation.accountant()
+    result = train_head_dp(head, inputs, targets, loss_fn, epochs=epochs, batch_size=batch_size, lr=lr,
+                           noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                           accountant=accountant, delta=delta, **train_kwargs)
+    ledger.commit(reservation, accountant)
+    result.epsilon = ledger.epsilon(delta)
+    return result
+
+
+__all__ = ["DPTrainResult", "train_head_dp", "train_head_plain", "private_round", "resolve_device",
+           "check_one_row_per_patient", "first_row_per_patient", "make_accountant"]
