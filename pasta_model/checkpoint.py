@@ -109,7 +109,10 @@ def save_checkpoint(path: str | os.PathLike, model: PastaNet, extra: dict | None
         backbone_sha256=backbone_sha256(tensors),
         extra=dict(extra or {}),
     )
-    header = {META_KEY: json.dumps(dataclasses.asdict(meta), sort_keys=True), "format": FORMAT}
+    try:
+        header = {META_KEY: json.dumps(dataclasses.asdict(meta), sort_keys=True), "format": FORMAT}
+    except TypeError as exc:
+        raise ValueError(f"{path}: checkpoint 'extra' must be JSON-serialisable ({exc})") from None
     tmp = _atomic_target(path)
     try:
         save_file(tensors, tmp, metadata=header)

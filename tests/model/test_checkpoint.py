@@ -121,3 +121,10 @@ def test_heads_survive_with_their_keys(tmp_path, net):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, net)
     assert sorted(head_keys(load_file(str(path)))) == sorted(head_keys(net))
+
+
+def test_extra_that_is_not_json_is_refused_before_writing(tmp_path, net):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match="extra"):
+        save_checkpoint(path, net, extra={"when": object()})
+    assert not path.exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def test_head_types_and_sizes():
 
 
 def test_tiny_training_step_is_fast():
-    """Forward all heads + backward + SGD step at 64^3 batch 1 (median of 5 after warm-up)."""
+    """Forward all heads + backward + SGD step at 64^3 batch 1 (best of 5 after warm-up)."""
     torch.manual_seed(0)
     net = build_model("tiny")
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
@@ -177,6 +178,9 @@ def test_tiny_training_step_is_fast():
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - start)
-    median = sorted(times[1:])[2]
-    print(f"tiny 64^3 training step: median {median:.3f} s")
-    assert median < 2.0  # ~0.6 s measured on 2 idle cores; slack for shared CI machines
+    best = min(times[1:])
+    print(f"tiny 64^3 training step: best {best:.3f} s, all {[round(t, 3) for t in times]}")
+    load = os.getloadavg()[0]
+    if best >= 1.5 and load > (os.cpu_count() or 1):
+        pytest.skip(f"machine busy (load {load:.1f}); step took {best:.2f} s")
+    assert best < 1.5  # ~0.6 s measured on 2 idle cores
