@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .privacy import cli as privacy_cli
 from .site_config import SiteConfigError, load_site_config
 
 
@@ -82,15 +83,4 @@ def register(subparsers) -> None:
     show.add_argument("--json", action="store_true", help="print the description as JSON")
     show.set_defaults(func=run_show)
 
-    _register_privacy(client_sub)
-
-
-def _register_privacy(client_sub) -> None:
-    """`client ledger` lives with the privacy code; added when that module is present."""
-    try:
-        from .privacy import cli as privacy_cli
-    except ModuleNotFoundError as err:
-        if err.name not in ("client.privacy.cli", "client.privacy"):
-            raise
-        return  # TODO(lead): remove this fallback once client/privacy/cli.py exists
-    privacy_cli.register(client_sub)
+    privacy_cli.register(client_sub)   # `client ledger`, owned by client.privacy

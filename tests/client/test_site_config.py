@@ -79,3 +79,21 @@ def test_not_yaml_mapping_is_an_error(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(SiteConfigError, match="top level must be a mapping"):
         load_site_config(path)
+
+
+def test_example_site_yaml_and_labels_csv_are_valid(tmp_path):
+    from pathlib import Path
+
+    from client.ingest import read_labels
+
+    repo = Path(__file__).resolve().parents[2]
+    example = yaml.safe_load((repo / "configs" / "hospital.example.yaml").read_text())
+    for key in ("images", "masks"):
+        (tmp_path / key).mkdir()
+        example["data"][key] = str(tmp_path / key)
+    example["data"]["labels"] = str(repo / "docs" / "examples" / "labels.example.csv")
+    example["state_dir"] = str(tmp_path / "state")
+    config = load_site_config(_write(tmp_path, example))
+    assert config.site == "hospital-a" and config.privacy.max_epsilon == 8.0
+    table = read_labels(config.data.labels)
+    assert table.errors == [] and len(table.labels) == 5
