@@ -127,28 +127,33 @@ class AuditLog:
             if fcntl is not None:  # one writer at a time keeps the hash chain intact
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             record.prev = self._last_line_hash()
-            line = json.dumps(asdict(record), sort_keys=True, separators=(",", ":"))
-            append_durable(self.path, line.encode() + b"\n")
+            line = json.dumps(asdict(record), sort_keys=True, separators=(",", ":")).encode() + b"\n"
+            if self._ends_torn():  # a crash mid-append left half a line: keep it on its own line
+                line = b"\n" + line
+            append_durable(self.path, line)
         log.info("audit: %s %s round %s run %s: %d tensor(s), %d bytes, sha256 %s", record.status,
                  record.message_type, record.round, record.run_id, len(record.keys), record.bytes, record.sha256[:12])
         return record
 
+    def _ends_torn(self) -> bool:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return False
+        with open(self.path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+
     def read(self) -> list[dict]:
-        """All complete records; a torn last line (crash mid-append) is skipped with a warning."""
+        """All complete records; a torn line (crash mid-append) is skipped with a warning."""
         if not self.path.exists():
             return []
         out = []
-        lines = self.path.read_bytes().split(b"\n")
-        for i, raw in enumerate(lines, 1):
+        for i, raw in enumerate(self.path.read_bytes().split(b"\n"), 1):
             if not raw.strip():
                 continue
             try:
                 out.append(json.loads(raw))
             except json.JSONDecodeError:
-                if i == len(lines):
-                    log.warning("%s: incomplete last line %d skipped", self.path, i)
-                    continue
-                raise ValueError(f"{self.path}: line {i} is not valid JSON") from None
+                log.warning("%s: line %d is not a complete record (torn write?); skipped", self.path, i)
         return out
 
     def verify_chain(self) -> bool:

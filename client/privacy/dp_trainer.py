@@ -12,6 +12,7 @@ training -- the epsilon reported covers every round so far, not just this one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -140,6 +141,17 @@ def _prepared_head(head: nn.Module) -> nn.Module:
     return fixed
 
 
+@contextlib.contextmanager
+def _physical_batches(dp_loader, max_physical_batch_size: int | None, optimizer):
+    """Logical (privacy) batches as they are, or split by BatchMemoryManager to bound memory."""
+    if not max_physical_batch_size:
+        yield dp_loader
+        return
+    with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=max_physical_batch_size,
+                            optimizer=optimizer) as physical:
+        yield physical
+
+
 def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, *, epochs: int,
                   batch_size: int, lr: float, noise_multiplier: float, max_grad_norm: float,
                   device: str | torch.device = "auto", seed: int = 0, accountant: IAccountant | None = None,
@@ -191,9 +203,7 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
     loss_sum, seen = 0.0, 0
     try:
         for _ in range(epochs):
-            with BatchMemoryManager(data_loader=dp_loader,
-                                    max_physical_batch_size=max_physical_batch_size or max(batch_size, 1),
-                                    optimizer=dp_optimizer) as physical:
+            with _physical_batches(dp_loader, max_physical_batch_size, dp_optimizer) as physical:
                 for batch in physical:
                     x, y = _unpack(batch, keys, dev)
                     dp_optimizer.zero_grad(set_to_none=True)
