@@ -76,7 +76,7 @@ def test_metrics_must_be_allow_listed_single_numbers():
     for name, value, msg in [("patient-ids", 3.0, "is not on the allow-list"),
                              ("loss", [0.1, 0.2], "must be one number"),
                              ("loss", "0.1", "must be one number"),
-                             ("loss", float("nan"), "not finite")]:
+                             ("loss", float("nan"), "is not finite")]:
         with pytest.raises(OutboxRefused, match=f"metric '{name}' {msg}"):
             check_outgoing(arrays, {**METRICS, name: value}, OutboxPolicy("stage"))
 
