@@ -119,7 +119,7 @@ class SiteAgent:
             raise SiteRefused(f"site {self.config.site}: only {n} training patient(s) for task {config.task}; "
                               f"at least {self.config.min_cases_for_metrics} are needed")
         arrays_to_heads(model, head_arrays, config.task)
-        head = copy.deepcopy(model.heads[config.task])
+        head = copy.deepcopy(model.heads[config.task]).train()
         global_params = [p.detach().clone() for p in head.parameters()]
         ledger = self.ledger(config.backbone_sha256)
         privacy = self.config.privacy
@@ -139,7 +139,7 @@ class SiteAgent:
                 lr=config.learning_rate, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=privacy.max_grad_norm, task=config.task, replay=replay,
                 patient_ids=data.train.patient_ids, device=self.config.device,
-                seed=derived_seed(config.seed, config.run_id, config.server_round, self.config.site),
+                seed=derived_seed(config.seed, config.server_round, self.config.site),
                 global_params=global_params, prox_mu=config.proximal_mu)
         except BudgetExceeded as exc:
             raise SiteRefused(f"site {self.config.site}: privacy budget: {exc}") from exc

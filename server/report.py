@@ -10,6 +10,7 @@ from server.run_state import RunDirectory, atomic_write_bytes
 log = logging.getLogger(__name__)
 
 SKIP_KEYS = {"num-examples", "node_id"}
+HEADLINE_METRICS = {"dice", "auc", "accuracy", "macro-f1", "c-index", "eval-loss"}
 
 
 def _plt():
@@ -57,7 +58,7 @@ def _metric_keys(records: list[dict]) -> list[str]:
         keys |= set(rec.get("global", {}))
         for entry in rec.get("sites", {}).values():
             keys |= set(entry.get("evaluate", {}))
-    return sorted(k for k in keys - SKIP_KEYS if not k.endswith("-loss")) or sorted(keys - SKIP_KEYS)
+    return sorted(k for k in keys if k in HEADLINE_METRICS)
 
 
 def write_report(run: RunDirectory, title: str = "Federated run") -> Path:

@@ -63,10 +63,10 @@ def _train(cfg: SimulationConfig, task: str, head: torch.nn.Module, data: TaskSp
     kwargs = dict(epochs=cfg.rounds * cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
                   device="auto", seed=seed, patient_ids=data.patient_ids)
     if not dp:
-        return train_head_plain(copy.deepcopy(head), data.inputs, data.targets, head_loss(task), **kwargs).head
+        return train_head_plain(copy.deepcopy(head).train(), data.inputs, data.targets, head_loss(task), **kwargs).head
     plan = plan_noise(max_epsilon=cfg.epsilon, delta=cfg.delta, n_patients=n, batch_size=cfg.batch_size,
                       local_epochs=cfg.local_epochs, rounds=cfg.rounds)
-    return train_head_dp(copy.deepcopy(head), data.inputs, data.targets, head_loss(task),
+    return train_head_dp(copy.deepcopy(head).train(), data.inputs, data.targets, head_loss(task),
                          noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                          delta=cfg.delta, **kwargs).head
 
