@@ -1,14 +1,14 @@
 """DICOM series: header-only scan with pydicom, slice ordering and spacing checks, pixels via SimpleITK/GDCM.
 
-pydicom reads headers only (large values such as pixel data are located, not
-loaded), so scanning a large archive is cheap and truncated files are caught early; pixels are decoded by GDCM through SimpleITK, which handles the compressed
+pydicom reads headers only (parsing stops at the pixel data element, whose declared
+length is checked against the file size), so scanning a large archive is cheap and
+truncated files are caught before any pixel is decoded; pixels are decoded by GDCM through SimpleITK, which handles the compressed
 transfer syntaxes (JPEG lossless, JPEG 2000, RLE) and applies each slice's rescale
 slope and intercept.
 """
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.uid import UID
 
 from .types import IngestError
@@ -73,30 +74,49 @@ def _looks_like_dicom(ds: pydicom.Dataset) -> bool:
     return "SOPClassUID" in ds or "SeriesInstanceUID" in ds
 
 
-def _parse(path: Path, force: bool) -> pydicom.Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True, force=force)
+PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}   # Pixel, Float, Double Float Pixel Data
 
 
-def _pixel_problem(path: Path) -> str | None:
-    """Why a CT slice's pixel data is unusable (missing, truncated), or None.
+@dataclass
+class _Parsed:
+    dataset: pydicom.Dataset
+    pixel_offset: int | None = None    # file offset of the pixel data element, None if absent
+    pixel_length: int | None = None    # its declared value length (0xFFFFFFFF: encapsulated)
 
-    Parses the file again with large values deferred: native pixel data is located
-    by offset and length (not loaded), encapsulated data is walked to its delimiter.
+
+def _parse(path: Path, force: bool) -> _Parsed:
+    """Header-only parse that stops at the pixel data element and remembers where it is."""
+    found: dict[str, int] = {}
+
+    def at_pixels(tag, vr, length) -> bool:
+        if tag in PIXEL_DATA_TAGS:
+            found["length"] = length
+            return True
+        return False
+
+    with open(path, "rb") as handle:
+        ds = read_partial(handle, stop_when=at_pixels, force=force)
+        offset = handle.tell() if found else None
+    return _Parsed(ds, offset, found.get("length"))
+
+
+def _pixel_problem(path: Path, parsed: _Parsed) -> str | None:
+    """Why a CT slice's pixel data is unusable (absent, or shorter than declared), or None.
+
+    Encapsulated (compressed) data has no declared length; GDCM reports damage there
+    when the series is read, and the reader then names the file.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(path, defer_size="1 KB")
-        except Exception as err:
-            return f"{path.name}: damaged pixel data: {err}"
-    pixels = ds.get_item("PixelData")
-    if pixels is None:
-        note = f" ({caught[0].message})" if caught else ""
-        return f"{path.name}: no readable pixel data, file truncated or damaged{note}"
+    if parsed.pixel_offset is None:
+        return f"{path.name}: no pixel data, file truncated or damaged"
+    if parsed.pixel_length == 0xFFFFFFFF:
+        return None
+    syntax = getattr(getattr(parsed.dataset, "file_meta", None), "TransferSyntaxUID", None)
+    header = 8 if syntax is not None and syntax.is_implicit_VR else 12
+    end = parsed.pixel_offset + header + parsed.pixel_length
     size = path.stat().st_size
-    if pixels.length != 0xFFFFFFFF and pixels.value_tell + pixels.length > size:
-        return (f"{path.name}: truncated: pixel data needs {pixels.length} bytes, file ends "
-                f"{pixels.value_tell + pixels.length - size} bytes short")
+    if end > size:
+        return (f"{path.name}: truncated: pixel data needs {parsed.pixel_length} bytes, file ends "
+                f"{end - size} bytes short")
     return None
 
 
@@ -104,17 +124,18 @@ def read_slice_header(path: Path) -> SliceHeader | FileVerdict:
     """Classify one file from its header: a CT slice, or why it is skipped or broken."""
     try:
         try:
-            ds = _parse(path, force=False)
+            parsed = _parse(path, force=False)
         except InvalidDicomError:
             # Some archives drop the 128-byte preamble; accept those if real tags parse.
-            ds = _parse(path, force=True)
-            if not _looks_like_dicom(ds):
+            parsed = _parse(path, force=True)
+            if not _looks_like_dicom(parsed.dataset):
                 return FileVerdict(path, "skipped", "not a DICOM file")
     except InvalidDicomError:
         return FileVerdict(path, "skipped", "not a DICOM file")
     except Exception as err:  # garbled header
         return FileVerdict(path, "error", f"damaged DICOM file {path.name}: {err}",
                            series_uid=_salvage_series_uid(path))
+    ds = parsed.dataset
 
     meta = getattr(ds, "file_meta", None)
     media_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
@@ -143,7 +164,7 @@ def read_slice_header(path: Path) -> SliceHeader | FileVerdict:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return verdict("skipped", "localizer (scout) image")
-    problem = _pixel_problem(path)
+    problem = _pixel_problem(path, parsed)
     if problem:
         return verdict("error", problem)
     missing = [k for k in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient",

@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from client.ingest import IngestError, discover_cases, labels_for, read_case, read_labels, scan_site
+from client.check import check_site
 from client.site_config import load_site_config
 
 JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
@@ -116,13 +117,15 @@ def test_header_truncated_file_fails_its_series(tmp_path, w, rng, keep_bytes):
     assert not [r for r in scan.rejected if r.status == "skipped"]
 
 
-def test_truncated_jpeg2000_slice_fails_its_series(tmp_path, w, rng):
-    series = w.sitk_series(tmp_path / "images", w.ramp(low=-1000), rng=rng)
+def test_truncated_jpeg2000_slice_fails_its_series_naming_the_file(tmp_path, w, rng):
+    series = w.sitk_series(tmp_path / "images" / "j2k", w.ramp(low=-1000), rng=rng)
+    good = w.pydicom_series(tmp_path / "images" / "plain", w.ramp(), rng=rng)
     victim = series.files[0]
     victim.write_bytes(victim.read_bytes()[:-100])
-    (rejected,) = scan_site(_site(tmp_path, w)).rejected
-    assert rejected.case_id == series.case_id and rejected.status == "error"
-    assert victim.name in rejected.reason
+    checks = {c.case_id: c for c in check_site(_site(tmp_path, w)).cases}
+    assert checks[series.case_id].status == "error"
+    assert victim.name in checks[series.case_id].reason
+    assert checks[good.case_id].status == "ok"
 
 
 def test_missing_slice_is_an_error_naming_the_gap(tmp_path, w, rng):
