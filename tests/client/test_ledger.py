@@ -258,3 +258,46 @@ def test_ledger_survives_process_restart_and_crash(tmp_path):
     assert state["epsilon"] == pytest.approx(epsilon_of("rdp", [(1.1, 0.2, 20)], DELTA), rel=1e-12)
     assert eps_round1 == pytest.approx(epsilon_of("rdp", [(1.1, 0.2, 10)], DELTA), rel=1e-12)
     assert not list((tmp_path / "privacy").glob(".*.tmp"))  # no temp file left behind
+
+
+def _site_yaml(tmp_path, max_epsilon=8.0):
+    (tmp_path / "ct").mkdir()
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(f"site: hospital-a\ndata:\n  images: ct\nprivacy:\n  max_epsilon: {max_epsilon}\n"
+                   f"  delta: 1.0e-5\n  max_grad_norm: 1.0\nstate_dir: state\n")
+    return cfg
+
+
+def _run_cli(argv):
+    import argparse
+
+    from client.cli import register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_client_ledger_cli_shows_spent_and_remaining(tmp_path, capsys):
+    cfg = _site_yaml(tmp_path)
+    assert _run_cli(["client", "ledger", "--config", str(cfg), "--json"]) == 0
+    empty = json.loads(capsys.readouterr().out)
+    assert empty["epsilon"] == 0.0 and empty["history"] == [] and empty["max_epsilon"] == 8.0
+
+    ledger = PrivacyLedger.open(tmp_path / "state", ledger_key(SHA))
+    _record(ledger, ROUNDS[:2], max_epsilon=8.0)
+    assert _run_cli(["client", "ledger", "--config", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"site", "delta", "epsilon", "max_epsilon", "history"} <= set(out)
+    assert out["site"] == "hospital-a" and out["delta"] == DELTA and out["model_key"] == ledger_key(SHA)
+    assert out["epsilon"] == pytest.approx(epsilon_of("rdp", ROUNDS[:2], DELTA))
+    assert out["remaining_epsilon"] == pytest.approx(8.0 - out["epsilon"])
+    assert [(h["round"], h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in out["history"]] == \
+        [(i + 1, s, q, n) for i, (s, q, n) in enumerate(ROUNDS[:2])]
+    assert out["history"][-1]["epsilon_after"] == pytest.approx(out["epsilon"])
+    assert {"run_id", "round", "noise_multiplier", "sample_rate", "steps", "epsilon_after"} <= set(out["history"][0])
+
+    assert _run_cli(["client", "ledger", "--config", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert f"epsilon spent {out['epsilon']:.4f} of 8" in text and "committed" in text
+    assert _run_cli(["client", "ledger", "--config", str(cfg), "--model", "nope"]) == 1
