@@ -14,6 +14,7 @@ import sys
 # `set_defaults(func=...)`, where func(args) returns an exit code.
 COMMAND_MODULES = (
     "synth.cli",
+    "pasta_model.cli",
     "server.cli",
     "client.cli",
     "simulation.commands",
