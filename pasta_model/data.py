@@ -34,7 +34,8 @@ from synth.vocabulary import ATTRIBUTES, HOST_ORGANS, LESION_TYPE_NAMES, T_STAGE
 from .heads import DETECT_OUTPUTS, REPORT_OUTPUTS
 from .losses import IGNORE_INDEX
 from .presets import Preset
-from .transforms import LESION_LABEL, build_preprocess, centred_crop, mask_center, negative_centers
+from .transforms import (LESION_LABEL, build_preprocess, centred_crop, largest_component_center, mask_center,
+                         negative_centers)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class PrepareCase:
         d = self.preprocess({"image": item["img"], "label": item["label"]})
         image, label = d["image"].as_tensor(), d["label"].as_tensor()
         lesion = (label == LESION_LABEL).to(torch.uint8)
-        center = mask_center(lesion[0]) or mask_center(label[0] > 0) or [s // 2 for s in label.shape[1:]]
+        center = largest_component_center(lesion[0]) or mask_center(label[0] > 0) or [s // 2 for s in label.shape[1:]]
         out = {"case_id": item["case_id"], "spacing_mm": float(self.preset.spacing_mm),
                "targets": case_targets(item["report"])}
 

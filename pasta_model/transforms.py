@@ -98,6 +98,20 @@ def mask_center(mask) -> list[int] | None:
     return [int((a.min() + a.max() + 1) // 2) for a in idx]
 
 
+def largest_component_center(mask) -> list[int] | None:
+    """Centre of the bounding box of the largest connected component (the primary lesion)."""
+    from scipy import ndimage
+
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
+    if not m.any():
+        return None
+    lab, n = ndimage.label(m)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())[1:]
+        m = lab == (int(np.argmax(sizes)) + 1)
+    return mask_center(m)
+
+
 class CenteredCropd(MapTransform):
     """Crop all `keys` to `size` around a centre read from `center_key` (a voxel index).
 
@@ -131,7 +145,7 @@ class LesionCenterd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         lab = d[self.label_key][0]
-        center = mask_center(lab == LESION_LABEL) or mask_center(lab == ORGAN_LABEL)
+        center = largest_component_center(lab == LESION_LABEL) or mask_center(lab == ORGAN_LABEL)
         if center is None:
             log.warning("no lesion or organ in %s; cropping the volume centre", d.get("case_id", "case"))
             center = [s // 2 for s in lab.shape]
