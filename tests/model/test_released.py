@@ -197,3 +197,12 @@ def test_full_size_released_layout_imports_into_paper(tmp_path, variant, contain
     assert not summary.missing and not summary.unexpected and not summary.shape_mismatched
     assert len(summary.matched) == 93
     assert sum(p.numel() for p in model.backbone_parameters()) == 240_262_080
+
+
+@pytest.mark.skipif(not (REFERENCE / "pasta_keys_cls.json").exists(), reason="reference key lists not available")
+@pytest.mark.parametrize("variant,name,k", [("segmentation", "seg", 2), ("classification", "cls", 1)])
+def test_paper_layout_is_the_released_layout(variant, name, k):
+    """Our description of the released file (used to build test files) matches the reference lists."""
+    reference = {key: tuple(shape) for key, shape, _ in
+                 json.loads((REFERENCE / f"pasta_keys_{name}.json").read_text())}
+    assert released_layout("paper", variant, k) == reference
