@@ -71,6 +71,9 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     profiles = make_profiles(cfg.hospitals, cfg.seed, cfg.cases_min, cfg.cases_max, cfg.heldout_cases)
     sites = [build_site(out, p, cfg.volume_size, cfg.epsilon, cfg.delta, cfg.max_grad_norm, backbone=None)
              for p in profiles]
+    from synth.dataset import generate_dataset
+    eval_dir = out / "coordinator" / "validation"      # the coordinator's own synthetic validation set
+    generate_dataset(eval_dir, cfg.heldout_cases, size=cfg.volume_size, seed=cfg.seed + 31337)
     timings["generating hospital data"] = time.monotonic() - t0
 
     from simulation.federation import run_federated   # Flower/Ray imports only when needed
@@ -78,7 +81,7 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
         num_server_rounds=cfg.rounds, task=cfg.task, local_epochs=cfg.local_epochs,
         learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, strategy=cfg.strategy,
         min_sites=2, dp_delta=cfg.delta, pretrained=str(pretrained), run_dir=str(out), resume=True,
-        seed=cfg.seed, round_timeout=1800.0)
+        seed=cfg.seed, round_timeout=1800.0, eval_data=str(eval_dir))
     t0 = time.monotonic()
     run_federated(settings, [s.config for s in sites])
     timings["federation (all rounds)"] = time.monotonic() - t0
