@@ -46,8 +46,9 @@ class DPTrainResult:
     delta: float | None
     num_examples: int           # patients (rows); FedAvg weights sites by this
     epochs: int
-    seconds: float
+    seconds: float              # whole call, set-up (make_private, data loaders) included
     device: str
+    train_seconds: float        # the epochs' loop alone
     head: nn.Module = field(repr=False)                     # the trained module (the caller's, unless fixed)
     accountant: IAccountant | None = field(default=None, repr=False)
 
@@ -201,6 +202,7 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
         log.debug("expected batch %s vs planned %s", dp_optimizer.expected_batch_size, n * sched.sample_rate)
 
     loss_sum, seen = 0.0, 0
+    t_loop = time.perf_counter()
     try:
         for _ in range(epochs):
             with _physical_batches(dp_loader, max_physical_batch_size, dp_optimizer) as physical:
@@ -225,13 +227,16 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
                 if hasattr(p, attr):
                     delattr(p, attr)
             p.grad = None  # the last noisy gradient is not part of the result
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    train_seconds = time.perf_counter() - t_loop
     acc = engine.accountant
     steps = sum(s for _, _, s in acc.history) - steps_before
     eps = float(acc.get_epsilon(delta=delta)) if delta is not None else None
     return DPTrainResult(loss=loss_sum / max(seen, 1), steps=steps, sample_rate=sched.sample_rate,
                          noise_multiplier=float(noise_multiplier), epsilon=eps, delta=delta, num_examples=n,
-                         epochs=epochs, seconds=time.perf_counter() - t0, device=str(dev), head=module,
-                         accountant=acc)
+                         epochs=epochs, seconds=time.perf_counter() - t0, device=str(dev),
+                         train_seconds=train_seconds, head=module, accountant=acc)
 
 
 def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, *, epochs: int,
@@ -259,6 +264,7 @@ def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     loss_sum, seen, steps = 0.0, 0, 0
+    t_loop = time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
             x, y = _unpack(batch, keys, dev)
@@ -271,9 +277,13 @@ def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn:
             loss_sum += float(loss.detach()) * x.shape[0]
             seen += x.shape[0]
             steps += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    train_seconds = time.perf_counter() - t_loop
     return DPTrainResult(loss=loss_sum / max(seen, 1), steps=steps, sample_rate=min(1.0, batch_size / n),
                          noise_multiplier=0.0, epsilon=None, delta=None, num_examples=n, epochs=epochs,
-                         seconds=time.perf_counter() - t0, device=str(dev), head=module)
+                         seconds=time.perf_counter() - t0, device=str(dev), train_seconds=train_seconds,
+                         head=module)
 
 
 def private_round(ledger: PrivacyLedger, *, run_id: str, round: int, max_epsilon: float, delta: float,

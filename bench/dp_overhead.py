@@ -1,0 +1,148 @@
+"""One local epoch of head fine-tuning with DP-SGD against the same without DP, and with the
+feature cache against recomputing backbone features, side by side in one run.
+
+Synthetic features shaped like the `tiny` preset's (N patients: pooled [N, C_deep] for the
+classification heads, decoder features [N, C0, 48, 48, 48] for the segment head), same
+data, same device, same number of steps. Times are medians over --repeats after a
+warm-up. dp_over_nondp is the epoch loop of both heads together (time-weighted);
+per-head ratios and the ratio with the per-round set-up (make_private) are reported too.
+Last line: JSON with dp_over_nondp (target <= 1.5) and cache_speedup.
+
+    python bench/dp_overhead.py [--n 64] [--batch 16] [--device auto] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.privacy.dp_trainer import resolve_device, train_head_dp, train_head_plain  # noqa: E402
+from pasta_model.heads import build_head  # noqa: E402
+from pasta_model.presets import get_preset  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    fn()  # warm-up (allocations, cudnn/opacus first-call costs)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def timed_epoch(trainer, task, preset, inputs, targets, loss_fn, args, device) -> tuple[float, float]:
+    """Median (epoch loop, whole call incl. set-up) seconds of one local epoch on a fresh head."""
+    def run():
+        return trainer(build_head(task, preset), inputs, targets, loss_fn, epochs=1, batch_size=args.batch,
+                       lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, device=device, seed=0,
+                       grad_sample_mode=args.grad_sample_mode)
+    run()  # warm-up
+    results = [run() for _ in range(args.repeats)]
+    return (statistics.median(r.train_seconds for r in results), statistics.median(r.seconds for r in results))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64, help="patients")
+    ap.add_argument("--batch", type=int, default=16, help="(expected) batch size")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--grad-sample-mode", default="hooks", help="Opacus per-sample gradient mode")
+    ap.add_argument("--skip-cache", action="store_true", help="skip the feature-cache comparison")
+    args = ap.parse_args(argv)
+
+    device = resolve_device(args.device)
+    preset = get_preset("tiny")
+    g = torch.Generator().manual_seed(0)
+    n, s = args.n, preset.crop_size
+    pooled = torch.randn(n, preset.deep_features, generator=g)
+    decoder = torch.randn(n, preset.base_features, s, s, s, generator=g)
+    stage_y = torch.randint(0, 4, (n,), generator=g)
+    seg_y = (torch.rand(n, s, s, s, generator=g) > 0.9).long()
+    print(f"device {device}, torch threads {torch.get_num_threads()}, N={n}, batch {args.batch}, "
+          f"pooled {list(pooled.shape)}, decoder {list(decoder.shape)}")
+
+    rows = {}
+    for task, x, y in (("stage", pooled, stage_y), ("segment", decoder, seg_y)):
+        plain, plain_all = timed_epoch(train_head_plain, task, preset, x, y, F.cross_entropy, args, device)
+        dp, dp_all = timed_epoch(train_head_dp, task, preset, x, y, F.cross_entropy, args, device)
+        rows[task] = {"non_dp_s": plain, "dp_s": dp, "non_dp_call_s": plain_all, "dp_call_s": dp_all}
+        print(f"{task:8s} one epoch: non-DP {plain:8.3f} s   DP-SGD {dp:8.3f} s   DP/non-DP {dp / plain:6.2f}"
+              f"   (whole call with set-up: {plain_all:.3f} s vs {dp_all:.3f} s, {dp_all / plain_all:.2f})")
+    total = {k: sum(r[k] for r in rows.values()) for k in ("non_dp_s", "dp_s", "non_dp_call_s", "dp_call_s")}
+    result = {"dp_over_nondp": round(total["dp_s"] / total["non_dp_s"], 3),
+              "dp_over_nondp_by_head": {k: round(v["dp_s"] / v["non_dp_s"], 3) for k, v in rows.items()},
+              "dp_over_nondp_with_setup": round(total["dp_call_s"] / total["non_dp_call_s"], 3),
+              "epoch_s": {k: {"non_dp": round(v["non_dp_s"], 4), "dp": round(v["dp_s"], 4)} for k, v in rows.items()},
+              "device": str(device), "n": n, "batch": args.batch}
+
+    if args.skip_cache:
+        result["cache_speedup"] = None
+    else:
+        result.update(cache_comparison(preset, n, seg_y, args, device))
+    print(json.dumps(result))
+    return 0
+
+
+def cache_comparison(preset, n, seg_y, args, device) -> dict:
+    """Segment head, one DP epoch: features from the on-disk cache vs re-encoded by the tiny backbone."""
+    from pasta_model.features import FeatureCache, extract_features
+    from pasta_model.network import build_model
+
+    model = build_model(preset, tasks=("segment",)).to(device)
+    model.freeze_backbone()
+    g = torch.Generator().manual_seed(1)
+    crops = torch.randn(n, 1, preset.crop_size, preset.crop_size, preset.crop_size, generator=g)
+    enc_batch = 8
+
+    def encode_all() -> torch.Tensor:
+        parts = [extract_features(model, crops[i:i + enc_batch], decode=True).decoder
+                 for i in range(0, n, enc_batch)]
+        return torch.cat(parts)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = FeatureCache(tmp, "0" * 64)
+        feats = encode_all()
+        for i in range(n):  # what the agent writes once per case (float16 decoder features)
+            cache.put(f"case{i:04d}", {"decoder": feats[i].to(torch.float16)})
+
+        def load_all() -> torch.Tensor:
+            return torch.stack([cache.get(f"case{i:04d}")["decoder"].float() for i in range(n)])
+
+        def epoch(get_features):
+            def run():
+                x = get_features()
+                train_head_dp(build_head("segment", preset), x, seg_y, F.cross_entropy, epochs=1,
+                              batch_size=args.batch, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
+                              device=device, seed=0, grad_sample_mode=args.grad_sample_mode)
+            return run
+
+        t_cached = timed(epoch(load_all), device, args.repeats)
+        t_uncached = timed(epoch(encode_all), device, args.repeats)
+        t_load = timed(load_all, device, args.repeats)
+        t_encode = timed(encode_all, device, args.repeats)
+    print(f"segment epoch with feature cache {t_cached:8.3f} s (load {t_load:.3f} s)   "
+          f"re-encoding every epoch {t_uncached:8.3f} s (encode {t_encode:.3f} s)   speedup {t_uncached / t_cached:5.2f}")
+    return {"cache_speedup": round(t_uncached / t_cached, 3), "cached_epoch_s": round(t_cached, 3),
+            "uncached_epoch_s": round(t_uncached, 3), "encode_s": round(t_encode, 3), "load_s": round(t_load, 3)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
