@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,6 +52,12 @@ class DPTrainResult:
     train_seconds: float        # the epochs' loop alone
     head: nn.Module = field(repr=False)                     # the trained module (the caller's, unless fixed)
     accountant: IAccountant | None = field(default=None, repr=False)
+
+
+def _fresh_seed() -> int:
+    """A new seed for every call: Poisson batches and noise must be independent across rounds
+    (the same seed every round would repeat the noise, and differences of rounds would cancel it)."""
+    return secrets.randbits(62)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -155,7 +162,7 @@ def _physical_batches(dp_loader, max_physical_batch_size: int | None, optimizer)
 
 def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, *, epochs: int,
                   batch_size: int, lr: float, noise_multiplier: float, max_grad_norm: float,
-                  device: str | torch.device = "auto", seed: int = 0, accountant: IAccountant | None = None,
+                  device: str | torch.device = "auto", seed: int | None = None, accountant: IAccountant | None = None,
                   mechanism: str = "rdp", delta: float | None = None, patient_ids: Sequence | None = None,
                   max_physical_batch_size: int | None = None, global_params=None, prox_mu: float = 0.0,
                   momentum: float = 0.0, grad_sample_mode: str = "hooks") -> DPTrainResult:
@@ -163,7 +170,8 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
 
     `loss_fn(outputs, targets)` must be a mean over the batch's samples. `accountant`
     (e.g. a ledger reservation's) receives this round's steps; without it a fresh one
-    of `mechanism` is used and the result's epsilon covers this round only.
+    of `mechanism` is used and the result's epsilon covers this round only. `seed`
+    fixes sampling and noise for tests; leave it None in production (fresh per call).
     """
     t0 = time.perf_counter()
     if noise_multiplier <= 0:
@@ -172,7 +180,7 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     check_one_row_per_patient(patient_ids, inputs.shape[0])
     dev = resolve_device(device)
-    torch.manual_seed(seed)
+    seed = _fresh_seed() if seed is None else int(seed)
     dataset, keys = _dataset(inputs, targets)
     n = len(dataset)
     sched = poisson_schedule(n, batch_size)
@@ -241,7 +249,7 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
 
 def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, *, epochs: int,
                      batch_size: int, lr: float, noise_multiplier: float = 0.0, max_grad_norm: float = 0.0,
-                     device: str | torch.device = "auto", seed: int = 0, accountant: IAccountant | None = None,
+                     device: str | torch.device = "auto", seed: int | None = None, accountant: IAccountant | None = None,
                      mechanism: str = "rdp", delta: float | None = None, patient_ids: Sequence | None = None,
                      max_physical_batch_size: int | None = None, global_params=None, prox_mu: float = 0.0,
                      momentum: float = 0.0, grad_sample_mode: str = "hooks") -> DPTrainResult:
@@ -253,7 +261,7 @@ def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn:
     t0 = time.perf_counter()
     check_one_row_per_patient(patient_ids, inputs.shape[0])
     dev = resolve_device(device)
-    torch.manual_seed(seed)
+    seed = _fresh_seed() if seed is None else int(seed)
     dataset, keys = _dataset(inputs, targets)
     n = len(dataset)
     module = head.to(dev)
@@ -296,7 +304,11 @@ def private_round(ledger: PrivacyLedger, *, run_id: str, round: int, max_epsilon
     the ledger is durably updated before this returns (i.e. before any reply is sent).
     """
     sched = poisson_schedule(inputs.shape[0], batch_size)
+    # cheap checks first: a round that cannot run must not cost budget
     check_one_row_per_patient(train_kwargs.get("patient_ids"), inputs.shape[0])
+    _dataset(inputs, targets)
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     reservation = ledger.reserve(run_id=run_id, round=round, noise_multiplier=noise_multiplier,
                                  sample_rate=sched.sample_rate, steps=sched.steps_per_epoch * epochs,
                                  max_epsilon=max_epsilon, delta=delta, task=task, replay=replay)

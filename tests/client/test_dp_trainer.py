@@ -152,3 +152,18 @@ def test_dp_training_on_gpu_matches_the_ledger_accounting():
                         max_grad_norm=1.0, device="cuda", delta=DELTA)
     assert res.device.startswith("cuda") and next(head.parameters()).is_cuda
     assert res.steps == 10
+
+
+def test_noise_is_fresh_each_call_unless_seeded():
+    """Repeating the same noise every round would let differences of rounds cancel it."""
+    x, y = _separable(n=20, c=8, classes=2)
+    start = nn.Linear(8, 2)
+    finals = []
+    for seed in (None, None, 7, 7):
+        head = nn.Linear(8, 2)
+        head.load_state_dict(start.state_dict())
+        train_head_dp(head, x, y, F.cross_entropy, epochs=1, batch_size=5, lr=0.1, noise_multiplier=1.0,
+                      max_grad_norm=1.0, device="cpu", seed=seed)
+        finals.append(_flat(head))
+    assert not torch.equal(finals[0], finals[1])
+    assert torch.equal(finals[2], finals[3])
