@@ -36,6 +36,13 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs after a warm-up (repeats=0: one run, no warm-up)."""
+    if repeats == 0:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
     fn()  # warm-up (allocations, cudnn/opacus first-call costs)
     times = []
     for _ in range(repeats):
@@ -47,15 +54,21 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def timed_epoch(trainer, task, preset, inputs, targets, loss_fn, args, device) -> tuple[float, float]:
-    """Median (epoch loop, whole call incl. set-up) seconds of one local epoch on a fresh head."""
-    def run():
+def timed_epochs(task, preset, inputs, targets, loss_fn, args, device) -> dict[str, float]:
+    """Median seconds of one local epoch on a fresh head, non-DP and DP-SGD, interleaved so that a
+    change in machine load hits both alike: epoch loop alone and whole call (with set-up)."""
+    def run(trainer):
         return trainer(build_head(task, preset), inputs, targets, loss_fn, epochs=1, batch_size=args.batch,
                        lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, device=device, seed=0,
                        grad_sample_mode=args.grad_sample_mode)
-    run()  # warm-up
-    results = [run() for _ in range(args.repeats)]
-    return (statistics.median(r.train_seconds for r in results), statistics.median(r.seconds for r in results))
+    run(train_head_plain), run(train_head_dp)  # warm-up
+    plain, dp = [], []
+    for _ in range(args.repeats):
+        plain.append(run(train_head_plain))
+        dp.append(run(train_head_dp))
+    med = statistics.median
+    return {"non_dp_s": med(r.train_seconds for r in plain), "dp_s": med(r.train_seconds for r in dp),
+            "non_dp_call_s": med(r.seconds for r in plain), "dp_call_s": med(r.seconds for r in dp)}
 
 
 def main(argv=None) -> int:
@@ -81,9 +94,8 @@ def main(argv=None) -> int:
 
     rows = {}
     for task, x, y in (("stage", pooled, stage_y), ("segment", decoder, seg_y)):
-        plain, plain_all = timed_epoch(train_head_plain, task, preset, x, y, F.cross_entropy, args, device)
-        dp, dp_all = timed_epoch(train_head_dp, task, preset, x, y, F.cross_entropy, args, device)
-        rows[task] = {"non_dp_s": plain, "dp_s": dp, "non_dp_call_s": plain_all, "dp_call_s": dp_all}
+        rows[task] = r = timed_epochs(task, preset, x, y, F.cross_entropy, args, device)
+        plain, dp, plain_all, dp_all = r["non_dp_s"], r["dp_s"], r["non_dp_call_s"], r["dp_call_s"]
         print(f"{task:8s} one epoch: non-DP {plain:8.3f} s   DP-SGD {dp:8.3f} s   DP/non-DP {dp / plain:6.2f}"
               f"   (whole call with set-up: {plain_all:.3f} s vs {dp_all:.3f} s, {dp_all / plain_all:.2f})")
     total = {k: sum(r[k] for r in rows.values()) for k in ("non_dp_s", "dp_s", "non_dp_call_s", "dp_call_s")}
@@ -134,8 +146,13 @@ def cache_comparison(preset, n, seg_y, args, device) -> dict:
                               device=device, seed=0, grad_sample_mode=args.grad_sample_mode)
             return run
 
-        t_cached = timed(epoch(load_all), device, args.repeats)
-        t_uncached = timed(epoch(encode_all), device, args.repeats)
+        cached_run, uncached_run = epoch(load_all), epoch(encode_all)
+        cached_run(), uncached_run()  # warm-up
+        cached, uncached = [], []
+        for _ in range(args.repeats):  # interleaved: load changes hit both alike
+            cached.append(timed(cached_run, device, 0))
+            uncached.append(timed(uncached_run, device, 0))
+        t_cached, t_uncached = statistics.median(cached), statistics.median(uncached)
         t_load = timed(load_all, device, args.repeats)
         t_encode = timed(encode_all, device, args.repeats)
     print(f"segment epoch with feature cache {t_cached:8.3f} s (load {t_load:.3f} s)   "
