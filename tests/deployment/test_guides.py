@@ -1,0 +1,71 @@
+"""The coordinator and hospital guides: every command in them is one the deployment tests run."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import deploy_guides as guide
+
+
+@pytest.mark.parametrize("doc", [guide.COORDINATOR, guide.HOSPITAL], ids=lambda p: p.name)
+def test_every_guide_command_is_exercised(doc):
+    cmds = guide.commands(doc)
+    assert cmds, f"{doc} has no ```bash commands"
+    for cmd in cmds:
+        assert any(tuple(cmd[:len(p)]) == p for p in guide.EXERCISED), (
+            f"{doc.name}: `{' '.join(cmd)}` is run by no deployment test; add it to "
+            f"deploy_guides.EXERCISED and to a test")
+
+
+def test_every_exercised_prefix_is_in_a_guide():
+    everything = guide.all_commands()
+    for prefix in guide.EXERCISED:
+        assert any(tuple(c[:len(prefix)]) == prefix for c in everything), prefix
+
+
+def test_guide_commands_are_the_deployment_essentials():
+    link = guide.command("flower-superlink")
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--database", "--disable-runtime-dependency-installation"):
+        assert flag in link, flag
+    assert "--insecure" not in link
+    node = guide.command("flower-supernode")
+    assert {"--root-certificates", "--auth-supernode-private-key", "--node-config"} <= set(node)
+    assert "--insecure" not in node
+    assert guide.command("flwr", "run")[:4] == ["flwr", "run", ".", "pasta-fed"]
+    run_config = guide.command("flwr", "run")[guide.command("flwr", "run").index("--run-config") + 1]
+    from flwr.common.config import parse_config_args
+    from server.settings import RunSettings
+    parsed = parse_config_args([run_config])
+    RunSettings.from_run_config(parsed)          # every key is a real, valid setting
+    assert parsed["pretrained"].startswith("/") and parsed["run-dir"].startswith("/")
+
+
+def test_hospital_guide_supernode_command_matches_handout(tmp_path):
+    """The guide's SuperNode command is the one `pasta-fed certs handout` prints."""
+    from server.certs import init_consortium, make_handout
+    init_consortium(tmp_path / "c", ["superlink.example.org", "127.0.0.1"], ["alpha"])
+    handout = make_handout(tmp_path / "c", "alpha", "superlink.example.org:8000")
+    assert guide.command("flower-supernode") == handout.supernode_command
+
+
+def test_install_target_exists():
+    """`make venv` (install step of both guides) is a real Makefile target (dry run only)."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    res = subprocess.run(["make", "-n", "venv"], cwd=guide.DOCS.parent, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"^venv:", (guide.DOCS.parent / "Makefile").read_text(), re.M)
+
+
+def test_guides_link_each_other_and_provisioning():
+    coordinator = guide.COORDINATOR.read_text()
+    hospital = guide.HOSPITAL.read_text()
+    assert "(provisioning.md)" in coordinator and "(hospital-guide.md)" in coordinator
+    assert "(coordinator-guide.md)" in hospital and "(hospital-data.md)" in hospital
+    for doc in (guide.COORDINATOR, guide.HOSPITAL):
+        for target in re.findall(r"\]\(([\w.-]+\.md)\)", doc.read_text()):
+            assert (guide.DOCS / target).exists(), f"{doc.name} links to missing {target}"
