@@ -26,6 +26,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
+    Transform,
 )
 from torch.utils.data import Dataset
 
@@ -93,8 +94,11 @@ class RegionPlan:
         return f"L{self.lesion_size}-D{self.detect_size}-C{self.detect_crop}-N{self.negatives}-S{self.seed}"
 
 
-class PrepareCase:
-    """Deterministic: one case item -> regions (float16 image, uint8 lesion mask) and targets."""
+class PrepareCase(Transform):
+    """Deterministic: one case item -> regions (float16 image, uint8 lesion mask) and targets.
+
+    A MONAI `Transform` (not Randomizable), so PersistentDataset caches its output.
+    """
 
     def __init__(self, preset: Preset, plan: RegionPlan):
         self.preset, self.plan = preset, plan

@@ -23,7 +23,7 @@ def dataset(tmp_path_factory):
     from synth import generate_dataset
     from synth.dataset import read_dataset
     root = tmp_path_factory.mktemp("synth-data")
-    generate_dataset(root, 8, size=64, seed=11, workers=1, progress=False)
+    generate_dataset(root, 8, size=64, spacing=3.0, seed=11, workers=1, progress=False)
     return root, read_dataset(root)
 
 

@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     from synth import generate_dataset
     from synth.dataset import read_dataset
     root = tmp_path_factory.mktemp("predict")
-    generate_dataset(root / "data", 3, size=48, seed=31, workers=1, progress=False)
+    generate_dataset(root / "data", 3, size=48, spacing=3.0, seed=31, workers=1, progress=False)
     torch.manual_seed(0)
     ckpt = root / "model.safetensors"
     save_checkpoint(ckpt, build_model("tiny"))
