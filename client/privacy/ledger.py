@@ -130,7 +130,7 @@ class LedgerEntry:
     steps: int
     delta: float
     epsilon_after: float
-    status: str          # "reserved" (cost counted, training not confirmed) | "committed"
+    status: str          # "reserved" (cost counted, training not confirmed) | "committed" | "mismatch"
     time: float
     committed_time: float | None = None
 
@@ -278,9 +278,11 @@ class PrivacyLedger:
             for n, q, s in accountant.history:
                 got = merge_history(got, float(n), float(q), int(s))
             if tuple(got) != reservation.history_after:
+                self._charge_mismatch(reservation, got)
                 raise LedgerError(
-                    f"{self.path}: the accountant used in training (history {got}) does not match the reserved round (sigma={reservation.noise_multiplier}, "
-                    f"q={reservation.sample_rate}, steps={reservation.steps}); the reserved cost stays counted")
+                    f"{self.path}: the accountant used in training (history {got}) does not match the reserved "
+                    f"round (sigma={reservation.noise_multiplier}, q={reservation.sample_rate}, "
+                    f"steps={reservation.steps}); both the reserved and the trained cost are now counted")
         with self._locked():
             self.reload()
             for entry in self.entries:
@@ -295,6 +297,20 @@ class PrivacyLedger:
                     return entry
         raise LedgerError(f"{self.path}: no reserved entry for run {reservation.run_id!r} round "
                           f"{reservation.round} attempt {reservation.attempt}")
+
+    def _charge_mismatch(self, reservation: Reservation, trained: list[HistoryItem]) -> None:
+        """Training did not match its reservation: add what the engine counted on top (never undercount)."""
+        before = list(reservation.history_before)
+        extra = trained[len(before):] if trained[:len(before)] == before else trained
+        with self._locked():
+            self.reload()
+            for n, q, steps in extra:
+                self.history = merge_history(self.history, n, q, steps)
+            for entry in self.entries:
+                if (entry.run_id, entry.round, entry.attempt) == (reservation.run_id, reservation.round,
+                                                                  reservation.attempt):
+                    entry.status = "mismatch"
+            self._write()
 
     def record_round(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
                      max_epsilon: float, delta: float, task: str | None = None,

@@ -301,3 +301,16 @@ def test_client_ledger_cli_shows_spent_and_remaining(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"epsilon spent {out['epsilon']:.4f} of 8" in text and "committed" in text
     assert _run_cli(["client", "ledger", "--config", str(cfg), "--model", "nope"]) == 1
+
+
+def test_commit_refuses_an_accountant_that_does_not_match_and_counts_both(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "m")
+    res = ledger.reserve(run_id="r", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10, max_epsilon=100,
+                         delta=DELTA)
+    acc = res.accountant()
+    for _ in range(12):  # the engine took more steps than were reserved
+        acc.step(noise_multiplier=1.0, sample_rate=0.1)
+    with pytest.raises(Exception, match="does not match the reserved round"):
+        ledger.commit(res, acc)
+    reloaded = PrivacyLedger.open(tmp_path, "m")
+    assert reloaded.history == [(1.0, 0.1, 22)] and reloaded.entries[0].status == "mismatch"
