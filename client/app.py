@@ -19,7 +19,7 @@ from client.privacy.outbox import DEFAULT_ALLOWED_METRICS, OutboxPolicy, OutboxR
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.task import SiteAgent, SiteRefused, parse_round_config
 from pasta_model.finetune import METRIC_NAMES
-from pasta_model.protocol import TRAIN_LOSS
+from pasta_model.protocol import TRAIN_LOSS, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Messa
                 message_type="train", arrays=reply.arrays, metrics=reply.metrics,
                 policy=_policy(agent.config, config.task), site=agent.config.site,
                 expected_shapes={k: v.shape for k, v in incoming.items()})
-    except (SiteRefused, SiteConfigError, OutboxRefused) as exc:
+    except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
         return _refuse(msg, str(exc))
     content = RecordDict({
         "arrays": _array_record(reply.arrays),
@@ -85,7 +85,7 @@ def handle_evaluate(msg: Message, context: Context, resolve: SiteResolver) -> Me
         release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
                 message_type="evaluate", arrays={}, metrics=metrics,
                 policy=_policy(agent.config, config.task), site=agent.config.site)
-    except (SiteRefused, SiteConfigError, OutboxRefused) as exc:
+    except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
         return _refuse(msg, str(exc))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
                                        SITE_RECORD: ConfigRecord({"name": agent.config.site})}), reply_to=msg)

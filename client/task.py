@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from client.features import FeatureCache, SiteTaskData
+from client.privacy.audit import payload_sha256
 from client.privacy.dp_trainer import private_round, resolve_device
 from client.privacy.ledger import BudgetExceeded, PrivacyLedger, ledger_key
 from client.privacy.planning import plan_noise
@@ -42,8 +44,40 @@ class RoundReply:
     metrics: dict[str, float]
 
 
-def derived_seed(*parts: Any) -> int:
-    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+NOISE_SECRET = "noise-secret"
+
+
+def site_secret(state_dir: Path) -> bytes:
+    """32 random bytes that never leave the site (created once, mode 0600).
+
+    DP noise is drawn from a seed derived from this secret: a seed the coordinator
+    knew would let it regenerate the noise and subtract it.
+    """
+    path = Path(state_dir) / "privacy" / NOISE_SECRET
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{NOISE_SECRET}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)        # first writer wins; never replaces an existing secret
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    return path.read_bytes()
+
+
+def noise_seed(secret: bytes, config: RoundConfig, incoming: Mapping[str, np.ndarray]) -> int:
+    """Same secret, round and incoming heads -> same seed, so a re-run round repeats its release
+    exactly (nothing new leaks); any other input -> an unrelated seed (noise never reused)."""
+    digest = hashlib.sha256(secret)
+    digest.update(f"{config.run_id}/{config.server_round}/{config.task}/".encode())
+    digest.update(payload_sha256(incoming).encode())
+    return int(digest.hexdigest()[:15], 16)
 
 
 class SiteAgent:
@@ -139,7 +173,7 @@ class SiteAgent:
                 lr=config.learning_rate, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=privacy.max_grad_norm, task=config.task, replay=replay,
                 patient_ids=data.train.patient_ids, device=self.config.device,
-                seed=derived_seed(config.seed, config.server_round, self.config.site),
+                seed=noise_seed(site_secret(self.config.state_dir), config, head_arrays),
                 global_params=global_params, prox_mu=config.proximal_mu)
         except BudgetExceeded as exc:
             raise SiteRefused(f"site {self.config.site}: privacy budget: {exc}") from exc

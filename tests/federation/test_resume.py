@@ -21,7 +21,12 @@ ROUNDS = 3
 
 
 def _sites(root: Path) -> list[Path]:
-    return [write_hospital(root, f"h{i}", n, 20 + i) for i, n in enumerate([14, 10, 10])]
+    sites = [write_hospital(root, f"h{i}", n, 20 + i) for i, n in enumerate([14, 10, 10])]
+    for i, site in enumerate(sites):   # each hospital's own noise secret, the same in both copies
+        secret = site.parent / "state" / "privacy" / "noise-secret"
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(bytes([i + 1]) * 32)
+    return sites
 
 
 def _cmd(pre: Path, run: Path, sites: list[Path]) -> list[str]:
