@@ -33,21 +33,46 @@ log = logging.getLogger("data_efficiency")
 TASKS = ("report", "segment")
 
 
-def hospital_set(root: Path, n: int, size: int, seed: int, noise: float, offset: float) -> Path:
-    from synth import ScannerProfile, generate_dataset
+def synth_generate(root: Path, n: int, size: int, seed: int) -> Path:
+    from simulation.cli import main as cli_main
     if not (root / "manifest.jsonl").exists():
-        scanner = ScannerProfile(noise_hu=noise, blur_mm=1.0, slice_thickness_mm=3.0, hu_offset=offset)
-        generate_dataset(root, n, size=size, seed=seed, workers=2, scanner=scanner, progress=False)
+        rc = cli_main(["synth", "generate", "--out", str(root), "--n", str(n), "--size", str(size),
+                       "--seed", str(seed), "--workers", "2"])
+        if rc:
+            raise SystemExit(f"synth generate failed ({rc})")
+    return root
+
+
+def shift_scanner(root: Path, noise_hu: float, hu_offset: float, blur_mm: float, seed: int) -> None:
+    """The hospital's scanner: extra noise, a calibration offset and blur on every img.nii.gz."""
+    import nibabel as nib
+    from scipy import ndimage
+    from synth.dataset import read_dataset
+    rng = np.random.default_rng(seed)
+    for r in read_dataset(root):
+        src = nib.load(str(r.img))
+        hu = np.asarray(src.dataobj, dtype=np.float32)
+        sigma = [blur_mm / 2.355 / z for z in src.header.get_zooms()[:3]]
+        hu = ndimage.gaussian_filter(hu, sigma) + rng.normal(0, noise_hu, hu.shape) + hu_offset
+        out = nib.Nifti1Image(np.clip(np.rint(hu), -1024, 3071).astype(np.int16), src.affine, src.header)
+        tmp = r.img.with_name(".shifted.nii.gz")
+        nib.save(out, str(tmp))
+        tmp.replace(r.img)
+
+
+def hospital_set(root: Path, n: int, size: int, seed: int, noise: float, offset: float) -> Path:
+    """Another seed plus a noisier, offset, blurrier scanner than the pretraining data."""
+    if not (root / "manifest.jsonl").exists():
+        synth_generate(root, n, size, seed)
+        shift_scanner(root, noise, offset, blur_mm=2.0, seed=seed)
     return root
 
 
 def pretrained_checkpoint(args, work: Path) -> Path:
     if args.checkpoint:
         return args.checkpoint
-    from synth import generate_dataset
     from pasta_model.pretrain import PretrainConfig, pretrain
-    data = work / "pretrain-data"
-    generate_dataset(data, args.pretrain_cases, size=96, seed=1, workers=2, progress=False)
+    data = synth_generate(work / "pretrain-data", args.pretrain_cases, 96, seed=1)
     return pretrain(PretrainConfig(data=data, out=work / "pretrain-run", preset="tiny", epochs=100,
                                    max_minutes=args.pretrain_minutes, progress=False))
 

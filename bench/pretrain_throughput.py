@@ -30,9 +30,12 @@ from pasta_model.pretrain import (  # noqa: E402
 
 
 def make_data(root: Path, n: int, size: int, seed: int) -> Path:
-    from synth import generate_dataset
+    from simulation.cli import main as cli_main
     if not (root / "manifest.jsonl").exists():
-        generate_dataset(root, n, size=size, seed=seed, workers=2, progress=False)
+        rc = cli_main(["synth", "generate", "--out", str(root), "--n", str(n), "--size", str(size),
+                       "--spacing", "3", "--seed", str(seed), "--workers", "2"])
+        if rc:
+            raise SystemExit(f"synth generate failed ({rc})")
     return root
 
 

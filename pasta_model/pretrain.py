@@ -39,6 +39,7 @@ class PretrainConfig:
     preset: str = "tiny"
     epochs: int = 20
     max_minutes: float | None = None       # wall-clock budget for the whole run (preparation included)
+    max_cpu_minutes: float | None = None   # process CPU-time budget (all threads): repeatable on a shared machine
     device: str = "auto"                   # auto | cpu | cuda
     resume: bool = False
     seed: int = 0
@@ -204,7 +205,7 @@ def pretrain(config: PretrainConfig) -> Path:
     from synth.dataset import read_dataset
     from .evaluate import crop_metrics
 
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     cfg = config
     preset = get_preset(cfg.preset)
     device = select_device(cfg.device)
@@ -255,6 +256,8 @@ def pretrain(config: PretrainConfig) -> Path:
     from tqdm import tqdm
     writer = SummaryWriter(str(out / "tb"))
     budget = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+    cpu_budget = None if cfg.max_cpu_minutes is None else cfg.max_cpu_minutes * 60.0
+    step_cpu, val_cpu = None, 0.0
     steps_per_epoch = max(len(l) for l in make_loaders(train_ds, cfg.batch_size, cfg.seed, 0))
     total_steps = max(1, steps_per_epoch * (cfg.epochs - start_epoch + 1))
     step_time, val_time, global_step, stop = None, 0.0, 0, False
@@ -269,15 +272,21 @@ def pretrain(config: PretrainConfig) -> Path:
                    disable=not cfg.progress, leave=False)
         for batches in bar:
             elapsed = time.monotonic() - t0
+            cpu_used = time.process_time() - cpu0
             if budget is not None and step_time is not None and elapsed + step_time + val_time + 5 > budget:
+                stop = True
+                break
+            if cpu_budget is not None and step_cpu is not None and cpu_used + step_cpu + val_cpu + 5 > cpu_budget:
                 stop = True
                 break
             progress = global_step / total_steps
             if budget is not None:
                 progress = max(progress, elapsed / budget)
+            if cpu_budget is not None:
+                progress = max(progress, cpu_used / cpu_budget)
             for g in optimizer.param_groups:            # poly decay, as nnU-Net
                 g["lr"] = cfg.lr * max(0.0, 1 - min(progress, 1.0)) ** 0.9
-            ts = time.monotonic()
+            ts, tc = time.monotonic(), time.process_time()
             for b in batches:
                 parts = train_step(model, b, optimizer, cfg.loss_weights, device)
                 for k, v in parts.items():
@@ -285,18 +294,22 @@ def pretrain(config: PretrainConfig) -> Path:
                 n += 1
             dt = time.monotonic() - ts
             step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+            dc = time.process_time() - tc
+            step_cpu = dc if step_cpu is None else 0.9 * step_cpu + 0.1 * dc
             global_step += 1
             bar.set_postfix(loss=f"{parts['loss']:.3f}")
         bar.close()
         if n == 0:
             break
         row = {"epoch": epoch, "seconds": round(time.monotonic() - t_epoch, 2),
+               "run_cpu_seconds": round(time.process_time() - cpu0, 1),
+               "run_wall_seconds": round(time.monotonic() - t0, 1),
                "lr": optimizer.param_groups[0]["lr"], "steps": n}
         row.update({f"train_{k}": round(v / n, 5) for k, v in sums.items()})
         if val_ds:
-            tv = time.monotonic()
+            tv, tvc = time.monotonic(), time.process_time()
             vm = crop_metrics(model, val_ds, device, batch_size=cfg.batch_size, weights=cfg.loss_weights)
-            val_time = time.monotonic() - tv
+            val_time, val_cpu = time.monotonic() - tv, time.process_time() - tvc
             row.update({f"val_{k}": (round(v, 5) if isinstance(v, float) and not math.isnan(v) else v)
                         for k, v in vm.items()})
         rows.append(row)
@@ -315,7 +328,8 @@ def pretrain(config: PretrainConfig) -> Path:
         log.info("epoch %d: %s", epoch, {k: row[k] for k in row if k.startswith(("train_loss", "val_dice", "val_loss"))})
         last_path = last
         if stop:
-            log.info("time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch)
+            log.info("time budget (%s wall min, %s CPU min) reached after epoch %d",
+                     cfg.max_minutes, cfg.max_cpu_minutes, epoch)
             break
     writer.close()
     if not last_path.exists():

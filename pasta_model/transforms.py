@@ -29,6 +29,7 @@ from monai.transforms import (
 )
 
 log = logging.getLogger(__name__)
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 # The PASTA intensity map: (HU, value) knots, piecewise linear, clamped outside.
 HU_KNOTS: tuple[tuple[float, float], ...] = ((-1000.0, 0.0), (-200.0, 0.2), (200.0, 0.9), (1000.0, 1.0))
@@ -182,7 +183,7 @@ def load_keys(keys: Sequence[str]) -> list:
     return [
         LoadImaged(keys=list(keys), image_only=True),
         EnsureChannelFirstd(keys=list(keys)),
-        Orientationd(keys=list(keys), axcodes="RAS"),
+        Orientationd(keys=list(keys), axcodes="RAS", labels=RAS_LABELS),
     ]
 
 
@@ -196,7 +197,7 @@ def build_preprocess(preset, image_key: str = "image", mask_keys: Sequence[str] 
     """
     keys = [image_key, *mask_keys]
     spacing = float(preset.spacing_mm)
-    steps: list = load_keys(keys) if load else [Orientationd(keys=keys, axcodes="RAS")]
+    steps: list = load_keys(keys) if load else [Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS)]
     steps += [
         Spacingd(keys=keys, pixdim=(spacing,) * 3, mode=["bilinear"] + ["nearest"] * len(mask_keys)),
         PastaHUMapd(keys=[image_key]),

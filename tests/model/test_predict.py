@@ -18,10 +18,10 @@ from simulation.cli import main as cli_main
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from synth import generate_dataset
     from synth.dataset import read_dataset
     root = tmp_path_factory.mktemp("predict")
-    generate_dataset(root / "data", 3, size=48, spacing=3.0, seed=31, workers=1, progress=False)
+    assert cli_main(["synth", "generate", "--out", str(root / "data"), "--n", "3", "--size", "48",
+                     "--spacing", "3", "--seed", "31", "--workers", "1"]) == 0
     torch.manual_seed(0)
     ckpt = root / "model.safetensors"
     save_checkpoint(ckpt, build_model("tiny"))

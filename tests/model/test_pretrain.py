@@ -16,9 +16,9 @@ from simulation.cli import main as cli_main
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from synth import generate_dataset
     root = tmp_path_factory.mktemp("pretrain-data")
-    generate_dataset(root, 6, size=64, spacing=3.0, seed=21, workers=1, progress=False)
+    assert cli_main(["synth", "generate", "--out", str(root), "--n", "6", "--size", "64", "--spacing", "3",
+                     "--seed", "21", "--workers", "1"]) == 0
     return root
 
 
