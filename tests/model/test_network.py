@@ -162,25 +162,3 @@ def test_head_types_and_sizes():
     assert [m.out_features for m in report.mlp if isinstance(m, torch.nn.Linear)] == [
         512, 256, sum(REPORT_OUTPUTS.values())]
     assert isinstance(build_head("segment", paper), SegmentHead)
-
-
-def test_tiny_training_step_is_fast():
-    """Forward all heads + backward + SGD step at 64^3 batch 1 (best of 5 after warm-up)."""
-    torch.manual_seed(0)
-    net = build_model("tiny")
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    x = torch.randn(1, 1, 64, 64, 64)
-    times = []
-    for _ in range(6):
-        start = time.perf_counter()
-        out = net(x)
-        sum(o.float().mean() for o in out.values()).backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - start)
-    best = min(times[1:])
-    print(f"tiny 64^3 training step: best {best:.3f} s, all {[round(t, 3) for t in times]}")
-    load = os.getloadavg()[0]
-    if best >= 1.5 and load > (os.cpu_count() or 1):
-        pytest.skip(f"machine busy (load {load:.1f}); step took {best:.2f} s")
-    assert best < 1.5  # ~0.6 s measured on 2 idle cores
