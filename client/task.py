@@ -158,8 +158,10 @@ class SiteAgent:
         ledger = self.ledger(config.backbone_sha256)
         privacy = self.config.privacy
         remaining_rounds = config.planned_rounds - config.server_round + 1
+        # the budget is the site's: (max_epsilon, its delta); a coordinator's larger delta never loosens it
+        delta = min(privacy.delta, config.dp_delta)
         try:
-            plan = plan_noise(max_epsilon=privacy.max_epsilon, delta=config.dp_delta, n_patients=n,
+            plan = plan_noise(max_epsilon=privacy.max_epsilon, delta=delta, n_patients=n,
                               batch_size=config.batch_size, local_epochs=config.local_epochs,
                               rounds=remaining_rounds, history=ledger.history, mechanism=ledger.mechanism)
             replay = bool(ledger.attempts(config.run_id, config.server_round))
@@ -168,7 +170,7 @@ class SiteAgent:
                             "counting its privacy cost again", self.config.site, config.server_round, config.run_id)
             result = private_round(
                 ledger, run_id=config.run_id, round=config.server_round, max_epsilon=privacy.max_epsilon,
-                delta=config.dp_delta, head=head, inputs=data.train.inputs, targets=data.train.targets,
+                delta=delta, head=head, inputs=data.train.inputs, targets=data.train.targets,
                 loss_fn=head_loss(config.task), epochs=config.local_epochs, batch_size=config.batch_size,
                 lr=config.learning_rate, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=privacy.max_grad_norm, task=config.task, replay=replay,
@@ -182,7 +184,7 @@ class SiteAgent:
         arrays = heads_to_arrays({prefix + k: v for k, v in trained.items()}, config.task)
         metrics = {
             NUM_EXAMPLES: float(n), TRAIN_LOSS: float(result.loss), EPSILON: float(result.epsilon),
-            DELTA: float(config.dp_delta), NOISE_MULTIPLIER: float(result.noise_multiplier),
+            DELTA: float(delta), NOISE_MULTIPLIER: float(result.noise_multiplier),
             STEPS: float(result.steps), SAMPLE_RATE: float(result.sample_rate),
         }
         log.info("site %s: round %d trained on %d patients, loss %.4f, epsilon %.3f / %.3f",

@@ -310,8 +310,8 @@ def private_round(ledger: PrivacyLedger, *, run_id: str, round: int, max_epsilon
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     if train_kwargs.get("seed") is not None:
-        log.warning("private_round with a fixed seed: whoever knows the seed can regenerate the noise and the "
-                    "Poisson batches, which voids the DP guarantee; use it only in simulations")
+        log.debug("private_round with a given seed: it must be secret to the site (client.task derives it "
+                  "from the site's noise secret); a seed anyone else knows voids the DP guarantee")
     reservation = ledger.reserve(run_id=run_id, round=round, noise_multiplier=noise_multiplier,
                                  sample_rate=sched.sample_rate, steps=sched.steps_per_epoch * epochs,
                                  max_epsilon=max_epsilon, delta=delta, task=task, replay=replay)
