@@ -121,6 +121,13 @@ def check_run_settings(root: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=1))
 
 
+def generate_dataset(out, n: int, config=None, **kwargs) -> list[dict]:
+    """Generate a dataset in this layout: `synth.run.generate_dataset`, here beside its reader."""
+    from synth.run import generate_dataset as _generate
+
+    return _generate(out, n, config, **kwargs)
+
+
 # ---- reading --------------------------------------------------------------------------
 
 _ORGAN_ALIASES = {
@@ -215,12 +222,13 @@ def read_dataset(root: str | Path) -> list[CaseRecord]:
                                key=lambda d: (len(d.name), d.name)):
                 if not (cdir / "img.nii.gz").exists():
                     continue
-                rec = CaseRecord(cdir, cdir.name, None, None, {})
+                # released ids repeat across folders (Liver/Tumor/12, Liver/Cyst/12): qualify them
+                rec = CaseRecord(cdir, f"{organ_dir.name}-{type_dir.name}-{cdir.name}", None, None, {})
                 rep = rec.report()
                 lt = resolve_lesion_type(organ_dir.name, type_dir.name, rep)
                 rec.lesion_type = lt
                 rec.organ = LESION_TYPE_BY_NAME[lt].organ if lt else _ORGAN_ALIASES.get(organ_dir.name.lower())
-                rec.row = {"id": cdir.name, "path": cdir.relative_to(root).as_posix(),
+                rec.row = {"id": rec.case_id, "path": cdir.relative_to(root).as_posix(),
                            "organ": rec.organ, "lesion_type": lt}
                 out.append(rec)
     return out

@@ -14,7 +14,7 @@ from synth.lesions import Lesion, host_mask, insert_lesions
 from synth.measure import measure_lesion
 from synth.phantom import Z_BOTTOM, Z_TOP, rasterize, render, sample_anatomy
 from synth.report import locate, report_text, survival, t_stage
-from synth.scanner import apply_scanner, sample_scanner
+from synth.scanner import ScannerProfile, apply_scanner, sample_scanner
 from synth.totalseg import TOTALSEG_HOSTS, TOTALSEG_V2
 from synth.vocabulary import LESION_TYPE_BY_NAME, LESION_TYPE_NAMES, PHASES
 
@@ -29,6 +29,9 @@ class GenConfig:
     types: tuple[str, ...] = LESION_TYPE_NAMES
     phase: str | None = None              # None: drawn per case
     seed: int = 0
+    # (type, weight) pairs: case types drawn with these weights instead of round-robin
+    type_weights: tuple[tuple[str, float], ...] | None = None
+    scanner: ScannerProfile | None = None  # one scanner for every case; None: drawn per case
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -36,11 +39,20 @@ class GenConfig:
         return (float(s),) * 3
 
     def lesion_type(self, index: int) -> str:
+        """Round-robin over `types` (any n >= len(types) covers them all), or a draw with
+        `type_weights` that depends only on (seed, index)."""
+        if self.type_weights:
+            names = [t for t, _ in self.type_weights]
+            w = np.array([max(float(x), 0.0) for _, x in self.type_weights])
+            rng = np.random.default_rng([int(self.seed), int(index), 104729])
+            return names[int(rng.choice(len(names), p=w / w.sum()))]
         return self.types[index % len(self.types)]
 
     def to_json(self) -> dict:
         return {"size": list(self.size), "spacing": self.spacing, "types": list(self.types),
-                "phase": self.phase, "seed": self.seed}
+                "phase": self.phase, "seed": self.seed,
+                "type_weights": [[t, round(float(w), 6)] for t, w in self.type_weights] if self.type_weights else None,
+                "scanner": self.scanner.to_json() if self.scanner else None}
 
 
 @dataclass
@@ -161,7 +173,7 @@ def generate_case(seed: int, index: int, cfg: GenConfig) -> Case:
         break
     else:
         raise RuntimeError(f"case {index}: {last_error}")
-    scanner = sample_scanner(rs["scanner"], grid.spacing)
+    scanner = cfg.scanner or sample_scanner(rs["scanner"], grid.spacing)
     image = apply_scanner(clean, scanner, grid.spacing, rs["scanner"])
     host = host_mask(total, host_ids)
     rep, masks = build_report(image=image, total=total, lesions=lesions, host=host, grid=grid,

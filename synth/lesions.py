@@ -282,7 +282,7 @@ def insert_lesions(image: np.ndarray, labels: np.ndarray, host_ids, lesion_type:
                 break   # satellites are optional
     if not lesions:
         raise RuntimeError(f"could not place a {lesion_type} in this volume")
-    return lesions
+    return sorted(lesions, key=lambda les: -int(les.mask.sum()))  # the largest (primary) first
 
 
 def _intent(model: TypeModel, phase: str, rng: np.random.Generator, k: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from synth.dataset import case_dir, check_run_settings, is_complete, manifest_ro
 from synth.errors import SynthInputError
 from synth.generate import GENERATOR_VERSION, GenConfig, generate_case
 from synth.noise import warm_up
+from synth.scanner import ScannerProfile
 from synth.vocabulary import LESION_TYPE_NAMES, PHASES
 
 
@@ -61,9 +63,38 @@ def _context():
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def generate_dataset(out: str | Path, n: int, cfg: GenConfig, workers: int = 1,
-                     progress: bool = True) -> list[dict]:
-    """Generate cases 0..n-1 into `out`; complete cases already there are kept."""
+def make_config(*, seed: int = 0, size=128, spacing: float | None = None, types=None,
+                phase: str | None = None, scanner: ScannerProfile | None = None) -> GenConfig:
+    """A GenConfig from plain values: `types` is None (all 15), a comma list, a sequence of
+    names (round-robin) or a {name: weight} mapping (cases drawn with those weights)."""
+    weights = None
+    if isinstance(types, Mapping):
+        weights = tuple((str(t), float(w)) for t, w in types.items())
+        for t, w in weights:
+            if t not in LESION_TYPE_NAMES:
+                raise SynthInputError(f"types: unknown lesion type '{t}'")
+        if not any(w > 0 for _, w in weights):
+            raise SynthInputError("types: no lesion type has a positive weight")
+        names = tuple(t for t, w in weights if w > 0)
+    elif types is None or isinstance(types, str):
+        names = parse_types(types)
+    else:
+        names = parse_types(",".join(types))
+    return GenConfig(size=parse_size(size), spacing=spacing, types=names, phase=check_phase(phase),
+                     seed=int(seed), type_weights=weights, scanner=scanner)
+
+
+def generate_dataset(out: str | Path, n: int, cfg: GenConfig | None = None, *, workers: int = 1,
+                     progress: bool = True, **settings) -> list[dict]:
+    """Generate cases 0..n-1 into `out`; complete cases already there are kept.
+
+    Give a `GenConfig`, or its settings as keywords (see `make_config`): seed, size,
+    spacing, types, phase, scanner.
+    """
+    if cfg is None:
+        cfg = make_config(**settings)
+    elif settings:
+        raise TypeError("give a GenConfig or settings, not both")
     out = Path(out)
     if n < 1:
         raise SynthInputError(f"--n {n}: must be at least 1")

@@ -14,36 +14,39 @@ HU_MIN, HU_MAX = -1024, 3071
 
 
 @dataclass(frozen=True)
-class Scanner:
-    noise_sd_hu: float
-    psf_fwhm_mm: float
+class ScannerProfile:
+    """A scanner: noise (HU sd), in-plane blur (PSF FWHM, mm), slice thickness (mm) and a
+    calibration offset (HU). A dataset either fixes one (a simulated hospital's scanner)
+    or draws one per case."""
+    noise_hu: float
+    blur_mm: float
     slice_thickness_mm: float
-    hu_offset: float
+    hu_offset: float = 0.0
 
     def to_json(self) -> dict:
         return {k: round(float(v), 2) for k, v in asdict(self).items()}
 
 
-def sample_scanner(rng: np.random.Generator, spacing) -> Scanner:
-    return Scanner(
-        noise_sd_hu=float(rng.uniform(8.0, 22.0)),
-        psf_fwhm_mm=float(rng.uniform(0.6, 1.4)),
+def sample_scanner(rng: np.random.Generator, spacing) -> ScannerProfile:
+    return ScannerProfile(
+        noise_hu=float(rng.uniform(8.0, 22.0)),
+        blur_mm=float(rng.uniform(0.6, 1.4)),
         slice_thickness_mm=float(spacing[2] * rng.uniform(1.0, 1.6)),
         hu_offset=float(rng.uniform(-6.0, 6.0)),
     )
 
 
-def blur_sigmas(sc: Scanner, spacing) -> tuple[float, float, float]:
+def blur_sigmas(sc: ScannerProfile, spacing) -> tuple[float, float, float]:
     """Gaussian sigma (voxels) per axis: PSF / slice profile plus ~0.3 voxel of sampling."""
-    fw = (sc.psf_fwhm_mm, sc.psf_fwhm_mm, sc.slice_thickness_mm)
+    fw = (sc.blur_mm, sc.blur_mm, max(sc.slice_thickness_mm, 1e-3))
     return tuple(float(np.sqrt((f / 2.355 / s) ** 2 + 0.3**2)) for f, s in zip(fw, spacing))
 
 
-def apply_scanner(clean: np.ndarray, sc: Scanner, spacing, rng: np.random.Generator) -> np.ndarray:
+def apply_scanner(clean: np.ndarray, sc: ScannerProfile, spacing, rng: np.random.Generator) -> np.ndarray:
     """Blur, add noise and offset, round and clip to int16 HU. `clean` is float32 and is reused."""
     img = ndi.gaussian_filter(clean, blur_sigmas(sc, spacing), truncate=2.0, output=np.float32)
     noise = rng.standard_normal(img.shape, dtype=np.float32)
-    noise *= sc.noise_sd_hu
+    noise *= sc.noise_hu
     img += noise
     img += sc.hu_offset
     np.rint(img, out=img)

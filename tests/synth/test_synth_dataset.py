@@ -178,3 +178,21 @@ def test_issue_command_n30_size96_two_workers(tmp_path):
     for r in recs:
         for f in ("img.nii.gz", "label.nii.gz", "total.nii.gz", "type.json"):
             assert (r.path / f).is_file()
+
+
+def test_a_site_dataset_with_its_own_scanner_phase_and_type_mix(tmp_path):
+    """What simulation/hospitals.py asks of synth: weights, one phase, one scanner."""
+    from synth.dataset import generate_dataset as generate
+    from synth.scanner import ScannerProfile
+
+    scanner = ScannerProfile(noise_hu=25.0, blur_mm=1.8, slice_thickness_mm=5.0, hu_offset=-20.0)
+    weights = {t: (1.0 if t in ("liver_cyst", "kidney_stone") else 0.0) for t in LESION_TYPE_NAMES}
+    rows = generate(tmp_path / "site", 6, seed=4, size=64, types=weights, phase="plain", scanner=scanner,
+                    progress=False)
+    assert {r["lesion_type"] for r in rows} <= {"liver_cyst", "kidney_stone"}
+    assert {r["phase"] for r in rows} == {"plain"}
+    rep = read_dataset(tmp_path / "site")[0].report()
+    assert rep["scanner"] == scanner.to_json()
+    again = generate(tmp_path / "again", 6, seed=4, size=64, types=weights, phase="plain", scanner=scanner,
+                     progress=False)
+    assert [r["lesion_type"] for r in again] == [r["lesion_type"] for r in rows]
