@@ -35,7 +35,7 @@ from synth.vocabulary import ATTRIBUTES, HOST_ORGANS, LESION_TYPE_NAMES, T_STAGE
 from .heads import DETECT_OUTPUTS, REPORT_OUTPUTS
 from .losses import IGNORE_INDEX
 from .presets import Preset
-from .transforms import (LESION_LABEL, build_preprocess, centred_crop, largest_component_center, mask_center,
+from .transforms import (LESION_LABEL, plain, build_preprocess, centred_crop, largest_component_center, mask_center,
                          negative_centers)
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class CropDataset(Dataset):
         d = self.transform({"image": image.float(), "seg": mask.float()})
         if d["image"].shape[1:] != (self.size,) * 3:          # exact-size region (negatives): no shift
             d = {k: centred_crop(v, [s // 2 for s in v.shape[1:]], self.size, 0.0) for k, v in d.items()}
-        return {"image": torch.as_tensor(d["image"]).float(), "seg": torch.as_tensor(d["seg"]).float(),
+        return {"image": plain(d["image"]).float(), "seg": plain(d["seg"]).float(),
                 "case_id": case["case_id"], "kind": kind, **targets,
                 "detect": torch.tensor(targets["detect"], dtype=torch.float32)}
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .network import BackboneFeatures, PastaNet
-from .transforms import centred_crop
+from .transforms import centred_crop, plain
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def extract_features(model: PastaNet, batch_images: torch.Tensor, decode: bool =
     model.eval()
     try:
         device = next(model.parameters()).device
-        feats = model.encode(torch.as_tensor(batch_images).float().to(device), decode=decode)
+        feats = model.encode(plain(batch_images).float().to(device), decode=decode)
     finally:
         model.train(was_training)
     return BackboneFeatures(pooled=feats.pooled.detach().cpu(),
@@ -38,7 +38,7 @@ def case_features(model: PastaNet, image: torch.Tensor, center, decode: bool = T
     the inputs of the classification heads and of the segment head respectively.
     """
     size = size or model.preset.crop_size
-    crop = torch.as_tensor(centred_crop(image, center, size, 0.0)).float()[None]
+    crop = plain(centred_crop(image, center, size, 0.0)).float()[None]
     f = extract_features(model, crop, decode=decode)
     out = {"pooled": f.pooled[0]}
     if f.decoder is not None:

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint
 from .evaluate import segment_volume
 from .heads import DETECT_OUTPUTS, split_report_logits
 from .network import PastaNet
-from .transforms import build_preprocess, centred_crop, read_dicom_series
+from .transforms import build_preprocess, centred_crop, plain, read_dicom_series
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def lesion_components(mask: np.ndarray, spacing, min_voxels: int = 1) -> list[di
 def classify_crop(model: PastaNet, image: torch.Tensor, center, device) -> dict:
     """Report attributes, lesion type, stage and risk from a crop centred on `center`."""
     crop = centred_crop(image, center, model.preset.crop_size, 0.0)
-    x = torch.as_tensor(crop)[None].float().to(device)
+    x = plain(crop)[None].float().to(device)
     out = model(x, tasks=[t for t in ("report", "stage", "survival") if t in model.heads])
     result: dict = {}
     if "report" in out:
@@ -93,7 +93,7 @@ def detect_volume(model: PastaNet, image: torch.Tensor, device) -> dict[str, flo
         for b in starts[1]:
             for c in starts[2]:
                 centre = [a + size // 2, b + size // 2, c + size // 2]
-                batch.append(torch.as_tensor(centred_crop(image, centre, size, 0.0)).float())
+                batch.append(plain(centred_crop(image, centre, size, 0.0)).float())
                 if len(batch) >= 8:
                     flush()
     flush()

@@ -38,6 +38,14 @@ LESION_LABEL = 2         # label.nii.gz: host organ 1, lesion 2
 ORGAN_LABEL = 1
 
 
+def plain(x) -> torch.Tensor:
+    """A plain torch.Tensor (MetaTensor dropped): models must not run on MetaTensors,
+    whose per-op metadata tracking makes every convolution several times slower."""
+    if hasattr(x, "as_tensor"):
+        return x.as_tensor()
+    return torch.as_tensor(x)
+
+
 def pasta_hu_map(x):
     """Map HU to [0, 1] with the PASTA knots; works on numpy arrays and torch tensors.
 
