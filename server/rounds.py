@@ -56,15 +56,20 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, book: SiteBoo
               ) -> tuple[list[Message], list[dict[str, str]]]:
     sent = {m.metadata.dst_node_id for m in messages}
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    # Flower sets message ids when it pushes; an error the SuperLink writes itself (e.g. "node
+    # unavailable") comes from the SuperLink, so the site is the one the original message went to
+    dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     ok, failed = [], []
     replied = set()
     for msg in replies:
-        replied.add(msg.metadata.src_node_id)
-        site = book.learn(msg)
+        node = dst_by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        replied.add(node)
         if msg.has_error():
+            site = book.name(node)
             failed.append({"site": site, "reason": msg.error.reason})
             log.warning("%s: site %s failed: %s", what, site, msg.error.reason)
         else:
+            book.learn(msg)
             ok.append(msg)
     for node in sorted(sent - replied):
         failed.append({"site": book.name(node), "reason": f"no reply within {timeout:.0f}s"})
