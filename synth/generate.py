@@ -116,15 +116,17 @@ def build_report(*, image: np.ndarray, total: np.ndarray, lesions: list[Lesion],
         m[les.sl] = les.mask
         masks.append(m)
     union = np.zeros(image.shape, bool)
-    for m in masks:
-        union |= m
+    for les in lesions:
+        union[les.sl] |= les.mask
     proj = [np.nonzero(host.any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)]
     hlo = grid.to_mm([p[0] for p in proj])
     hhi = grid.to_mm([p[-1] for p in proj])
     out = []
     for les, m in zip(lesions, masks):
-        meas = measure_lesion(image, m, host, grid.spacing, lt.organ, others=union & ~m)
-        part_vals = total[m & host]
+        others = union.copy()
+        others[les.sl] &= ~les.mask
+        meas = measure_lesion(image, m, host, grid.spacing, lt.organ, others=others)
+        part_vals = total[les.sl][les.mask & host[les.sl]]
         part, plo, phi = None, None, None
         if part_vals.size:
             pv = int(np.bincount(part_vals.ravel()).argmax())
@@ -164,9 +166,10 @@ def generate_case(seed: int, index: int, cfg: GenConfig) -> Case:
         grid = _choose_grid(an, lt.organ, cfg, rs["fov"])
         total, tissue = rasterize(an, grid, rs["texture"])
         clean = render(tissue, phase, rs["texture"], grid.spacing)
+        host = host_mask(total, host_ids)
         try:
             lesions = insert_lesions(clean, total, host_ids, lesion_type, phase, rs["lesion"], grid.spacing,
-                                     label_names=TOTALSEG_V2)
+                                     label_names=TOTALSEG_V2, host=host)
         except RuntimeError as exc:
             last_error = exc
             continue
@@ -175,7 +178,6 @@ def generate_case(seed: int, index: int, cfg: GenConfig) -> Case:
         raise RuntimeError(f"case {index}: {last_error}")
     scanner = cfg.scanner or sample_scanner(rs["scanner"], grid.spacing)
     image = apply_scanner(clean, scanner, grid.spacing, rs["scanner"])
-    host = host_mask(total, host_ids)
     rep, masks = build_report(image=image, total=total, lesions=lesions, host=host, grid=grid,
                               lesion_type=lesion_type, phase=phase, label_names=TOTALSEG_V2,
                               rng=rs["survival"])

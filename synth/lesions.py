@@ -198,14 +198,14 @@ def _no_invade_ids(label_names: dict[int, str] | None) -> tuple[int, ...]:
 
 
 class _Context:
-    def __init__(self, image, labels, host_ids, spacing, organ, rng, noise_sd, label_names=None):
+    def __init__(self, image, labels, host_ids, spacing, organ, rng, noise_sd, label_names=None, host=None):
         self.image = image
         self.labels = labels
         self.spacing = tuple(float(s) for s in spacing)
         self.organ = organ
         self.rng = rng
         self.noise_sd = noise_sd
-        self.host = host_mask(labels, host_ids)
+        self.host = host if host is not None else host_mask(labels, host_ids)
         self.no_invade = tuple(v for v in _no_invade_ids(label_names) if v not in set(host_ids))
         self.taken = np.zeros(labels.shape, bool)  # lesions placed so far, dilated by a voxel
         self.relaxed = False  # set when strict placement failed: smaller lesions, thinner margins
@@ -253,15 +253,17 @@ class _Context:
 
 def insert_lesions(image: np.ndarray, labels: np.ndarray, host_ids, lesion_type: str, phase: str,
                    rng: np.random.Generator, spacing, noise_sd: float | None = None,
-                   count: int | None = None, label_names: dict[int, str] | None = None) -> list[Lesion]:
+                   count: int | None = None, label_names: dict[int, str] | None = None,
+                   host: np.ndarray | None = None) -> list[Lesion]:
     """Insert lesions of `lesion_type` into `image` (float32, modified in place).
 
     `labels` is the organ label map, `host_ids` the label values of the host organ;
-    `label_names` (value -> name) keeps invading lesions out of vessels, airways and bone.
+    `label_names` (value -> name) keeps invading lesions out of vessels, airways and bone;
+    `host` may be given when the host mask is already at hand.
     Returns the lesions placed (at least one, or raises RuntimeError if none fits).
     """
     model = TYPE_MODELS[lesion_type]
-    ctx = _Context(image, labels, host_ids, spacing, model.organ, rng, noise_sd, label_names)
+    ctx = _Context(image, labels, host_ids, spacing, model.organ, rng, noise_sd, label_names, host)
     if ctx._box is None:
         raise RuntimeError(f"no {model.organ} voxels to host a {lesion_type}")
     n = count or int(rng.integers(model.count[0], model.count[1] + 1))
@@ -468,14 +470,19 @@ def _place(ctx: _Context, model: TypeModel, intent: dict) -> Lesion | None:
     if "hu" in intent:
         base = intent["hu"]
     else:
-        ref = surround_hu(img, host, mask, sp, ctx.organ, ctx.taken[sl])
+        # the normal tissue of the host in this crop (its wall, for a hollow organ)
+        normal = host & ~mask & ~ctx.taken[sl]
+        if ctx.organ in HOLLOW_ORGANS:
+            normal &= depth <= max(WALL_BAND_MM[ctx.organ], 1.5 * max(sp))
+        vals = img[normal]
+        ref = float(np.median(vals)) if vals.size else float(np.median(img[host]))
         base = ref + intent["delta_hu"]
         intent["reference_hu"] = round(ref, 1)
     tex = smooth_field(rng, mask.shape, max(1.0, 2.0 / smin))
     if intent["heterogeneity"] == "heterogeneous":
         amp = float(rng.uniform(14, 28))
         lesion_hu = base + amp * tex
-        inner = _depth(mask, sp)
+        inner = np.where(mask, -d, 0.0)   # depth inside the lesion, from its shape field
         nec = (inner > 0.4 * float(inner.max())) & (smooth_field(rng, mask.shape, max(1.0, 0.25 * r / smin)) > 0.3)
         if base > 60:
             lesion_hu = np.where(nec, base - float(rng.uniform(40, 70)), lesion_hu)

@@ -59,10 +59,12 @@ def solidity(mask: np.ndarray, spacing) -> float:
     if len(pts) < 4:
         return 1.0
     sp = np.asarray(spacing, np.float32)
-    corners = (pts[:, None, :] + _CORNERS[None, :, :]).reshape(-1, 3) * sp
     try:
+        hull = ConvexHull(pts * sp)
+        inner = hull.volume
+        # the hull of all voxel corners is the hull of the corners of the hull's vertices
+        corners = (pts[hull.vertices][:, None, :] + _CORNERS[None, :, :]).reshape(-1, 3) * sp
         outer = ConvexHull(corners).volume
-        inner = ConvexHull(pts * sp).volume if len(pts) >= 4 else 0.0
     except QhullError:
         return 1.0
     # the hull of the corners over-counts a voxelised surface, the hull of the centres
@@ -74,9 +76,13 @@ _CORNERS = np.array([[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5) fo
                     np.float32)
 
 
-def _bbox(mask: np.ndarray):
-    idx = np.argwhere(mask)
-    return idx.min(axis=0), idx.max(axis=0)
+def _bbox_fast(mask: np.ndarray):
+    lo, hi = [], []
+    for a in range(3):
+        hit = np.nonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[0]
+        lo.append(hit[0])
+        hi.append(hit[-1])
+    return np.array(lo), np.array(hi)
 
 
 def measure_lesion(image: np.ndarray, lesion: np.ndarray, host: np.ndarray, spacing, organ: str,
@@ -84,7 +90,7 @@ def measure_lesion(image: np.ndarray, lesion: np.ndarray, host: np.ndarray, spac
     """Measure one lesion. All arrays are full volumes; `lesion` is this lesion's mask,
     `host` the host organ, `others` the other lesions (excluded from the surround)."""
     sp = np.asarray(spacing, float)
-    lo, hi = _bbox(lesion)
+    lo, hi = _bbox_fast(lesion)
     smax = float(sp.max())
     margin = np.ceil((3 * smax + max(6.0, 3 * smax) + 2 * smax) / sp).astype(int) + 1
     sl = tuple(slice(max(int(a) - int(m), 0), min(int(b) + int(m) + 1, n))

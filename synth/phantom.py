@@ -169,31 +169,40 @@ def rasterize(an: Anatomy, grid: Grid, rng: np.random.Generator) -> tuple[np.nda
     def inside(sl, margin_mm=2.0):
         return d_in[sl] >= margin_mm
 
-    dome_full = an.dome(X, Y)
-    below = Z < dome_full
+    dome_full = an.dome(X, Y)  # (nx, ny, 1)
 
-    # ---- lungs and lobes ------------------------------------------------------------
+    def below(sl):
+        return Z[..., sl[2]] < dome_full[sl[0], sl[1]]
+
+    # ---- lungs and lobes: only the slab of z where a lung can be ----------------------
     z_apex = 300.0 * sz
-    apex_t = np.clip((Z - 220.0 * sz) / (z_apex - 220.0 * sz), 0, 1)
-    lung = (d_in >= 10.0 + 60.0 * apex_t**2) & ~below & (Z < z_apex)
-    lung &= np.abs(X) > np.where(Y > -40, 24.0, 10.0)
-    lung &= ~((np.abs(X - 20 * sw) < 40) & (Y < -60 + 30 * apex_t))  # anterior mediastinum
-    if lung.any():
-        zf = lerp(70.0, 205.0, np.clip((Y + b2) / (2 * b2), 0, 1)) * sz * an["fissure_z"]
-        upper = Z > zf
-        left = X > 0
-        lab = np.where(left, np.where(upper, TS["lung_upper_lobe_left"], TS["lung_lower_lobe_left"]),
-                       np.where(upper, np.where(Z > 150.0 * sz, TS["lung_upper_lobe_right"],
-                                                TS["lung_middle_lobe_right"]),
-                                TS["lung_lower_lobe_right"]))
-        cv.lab[lung] = lab[lung]
-        cv.tis[lung] = T["lung"]
-        sl = _bbox(lung)
-        sub = lung[sl]
-        n1 = smooth_field(rng, sub.shape, 5.0 / sp)
-        n2 = smooth_field(rng, sub.shape, 5.0 / sp)
-        t = an["vessel_t"]
-        cv.paint(sl, sub & (np.abs(n1) < t) & (np.abs(n2) < t * 1.6), None, T["lung_vessel"])
+    zs = grid.axis(2)
+    kz = np.nonzero((zs > float(dome_full.min())) & (zs < z_apex))[0]
+    if kz.size:
+        zsl = slice(int(kz[0]), int(kz[-1]) + 1)
+        Zs = Z[..., zsl]
+        apex_t = np.clip((Zs - 220.0 * sz) / (z_apex - 220.0 * sz), 0, 1)
+        lung = (d_in[..., zsl] >= 10.0 + 60.0 * apex_t**2) & (Zs >= dome_full)
+        lung &= np.abs(X) > np.where(Y > -40, 24.0, 10.0)
+        lung &= ~((np.abs(X - 20 * sw) < 40) & (Y < -60 + 30 * apex_t))  # anterior mediastinum
+        if lung.any():
+            zf = lerp(70.0, 205.0, np.clip((Y + b2[..., zsl]) / (2 * b2[..., zsl]), 0, 1)) * sz * an["fissure_z"]
+            upper = Zs > zf
+            left = X > 0
+            lab = np.where(left, np.where(upper, TS["lung_upper_lobe_left"], TS["lung_lower_lobe_left"]),
+                           np.where(upper, np.where(Zs > 150.0 * sz, TS["lung_upper_lobe_right"],
+                                                    TS["lung_middle_lobe_right"]),
+                                    TS["lung_lower_lobe_right"]))
+            box = (slice(0, grid.shape[0]), slice(0, grid.shape[1]), zsl)
+            cv.paint(box, lung, None, T["lung"])
+            cv.lab[box][lung] = np.broadcast_to(lab, lung.shape)[lung]
+            sl = _bbox(lung)
+            sub = lung[sl]
+            sl = (sl[0], sl[1], slice(sl[2].start + zsl.start, sl[2].stop + zsl.start))
+            n1 = smooth_field(rng, sub.shape, 5.0 / sp)
+            n2 = smooth_field(rng, sub.shape, 5.0 / sp)
+            t = an["vessel_t"]
+            cv.paint(sl, sub & (np.abs(n1) < t) & (np.abs(n2) < t * 1.6), None, T["lung_vessel"])
 
     # ---- small bowel (low priority: organs paint over it) -----------------------------
     sl = box_slices(grid, (-0.8 * 150 * sw, -140, -215 * sz), (0.8 * 150 * sw, 30, -45 * sz))
@@ -254,7 +263,7 @@ def rasterize(an: Anatomy, grid: Grid, rng: np.random.Generator) -> tuple[np.nda
         x, y, z = lv.coords
         thin = 1.0 - 0.45 * np.clip((x + 20.0) / 80.0, 0, 1)
         rho = lv.rho / np.clip(thin, 0.3, 1)
-        m = (rho <= 1.0) & inside(lv.sl, 3.0) & below[lv.sl] & (z < dome_full[lv.sl[0], lv.sl[1]] - 2)
+        m = (rho <= 1.0) & inside(lv.sl, 3.0) & (z < dome_full[lv.sl[0], lv.sl[1]] - 2)
         cv.paint(lv.sl, m, TS["liver"], T["liver"])
         n1 = smooth_field(rng, m.shape, 6.0 / sp)
         n2 = smooth_field(rng, m.shape, 6.0 / sp)
@@ -265,7 +274,7 @@ def rasterize(an: Anatomy, grid: Grid, rng: np.random.Generator) -> tuple[np.nda
     spl = loft(grid, 2, -25 * sz, 55 * sz, lambda t: 92 * sw - 10 * t, lambda t: 45 + 10 * t,
                lambda t: 24 * ss * cap(t, 0.4, 0.4), lambda t: 45 * ss * cap(t, 0.4, 0.4))
     if spl is not None:
-        m = (spl.rho <= 1.0) & inside(spl.sl, 3.0) & below[spl.sl]
+        m = (spl.rho <= 1.0) & inside(spl.sl, 3.0) & below(spl.sl)
         cv.paint(spl.sl, m, TS["spleen"], T["spleen"])
 
     # ---- stomach ----------------------------------------------------------------------

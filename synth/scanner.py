@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from synth.noise import white_noise
+
 HU_MIN, HU_MAX = -1024, 3071
 
 
@@ -45,7 +47,7 @@ def blur_sigmas(sc: ScannerProfile, spacing) -> tuple[float, float, float]:
 def apply_scanner(clean: np.ndarray, sc: ScannerProfile, spacing, rng: np.random.Generator) -> np.ndarray:
     """Blur, add noise and offset, round and clip to int16 HU. `clean` is float32 and is reused."""
     img = ndi.gaussian_filter(clean, blur_sigmas(sc, spacing), truncate=2.0, output=np.float32)
-    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise = white_noise(rng, img.shape)
     noise *= sc.noise_hu
     img += noise
     img += sc.hu_offset
