@@ -1,0 +1,84 @@
+"""`pasta-fed simulate` end to end: killed with SIGKILL after round 1, resumed, honest ledgers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import yaml
+from dp_accounting import rdp
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[2]
+PASTA_FED = [sys.executable, "-m", "simulation.cli"]
+
+SMALL = {"simulation": {
+    "hospitals": 3, "rounds": 3, "preset": "tiny", "task": "report", "epsilon": 8.0, "volume_size": 48,
+    "cases_min": 8, "cases_max": 16, "heldout_cases": 6, "pretrain_cases": 16, "pretrain_minutes": 0.4,
+    "comparisons": ["local", "pooled_scratch"]}}
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, "PASTA_FED_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def _dp_accounting_epsilon(history: list[dict], delta: float) -> float:
+    acc = rdp.RdpAccountant(orders=[1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+    for h in history:
+        event = dp_accounting.PoissonSampledDpEvent(h["sample_rate"], dp_accounting.GaussianDpEvent(h["noise_multiplier"]))
+        acc.compose(event, int(h["steps"]))
+    return acc.get_epsilon(delta)
+
+
+def test_simulate_killed_after_round_one_resumes_to_an_honest_end(tmp_path: Path):
+    config = tmp_path / "sim.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    run = tmp_path / "run"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([*PASTA_FED, "simulate", "--config", str(config), "--out", str(run)], cwd=ROOT,
+                            env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("round-001*")):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "round 1 never completed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert not (run / "final.ckpt").exists(), "the run ended before it was killed"
+
+    # a second start without --resume must not overwrite the run
+    again = subprocess.run([*PASTA_FED, "simulate", "--config", str(config), "--out", str(run)], cwd=ROOT,
+                           env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    done = subprocess.run([*PASTA_FED, "simulate", "--resume", str(run)], cwd=ROOT, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == f"report: {run / 'report.md'}"
+
+    rounds = [json.loads(l)["round"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+    assert (run / "final.ckpt").exists()
+    report = (run / "report.md").read_text()
+    assert "## Comparisons" in report and "federated (DP)" in report and "local alone (DP)" in report
+    assert (run / "plots" / "comparisons.png").exists() and (run / "plots" / "epsilon.png").exists()
+
+    for site in sorted((run / "sites").iterdir()):
+        ledger_file = next((site / "state" / "privacy").glob("ledger-*.json"))
+        ledger = json.loads(ledger_file.read_text())
+        committed = sorted({e["round"] for e in ledger["entries"] if e["status"] == "committed"})
+        assert committed == [1, 2, 3], site.name
+        history = [e for e in ledger["entries"]]
+        ours = history[-1]["epsilon_after"]
+        theirs = _dp_accounting_epsilon(history, 1e-5)
+        assert ours == pytest.approx(theirs, rel=0.02), site.name
+        assert ours <= 8.0 + 1e-6
