@@ -16,8 +16,8 @@ scanner effects, with the rules below (docs/synth.md has them as a table):
   1-voxel Gaussian smoothing (which takes out most scanner noise); heterogeneous above
   10 HU. Lesions with fewer than 20 interior voxels are homogeneous (too small to judge).
 - surface: edge ratio = (median HU of the normal tissue touching the lesion (26-neighbourhood) - surround_hu) /
-  contrast; ill-defined above 0.2, or when |contrast| < 20 HU (no visible edge). Lesions
-  under 27 voxels: well-defined when |contrast| >= 20 HU.
+  contrast; ill-defined above 0.2, or when |contrast| < 12 HU (no visible edge). Lesions
+  under 27 voxels: well-defined when |contrast| >= 12 HU.
 - shape: wall_thickening when the host is hollow and the lesion is a sheet
   (thickness / extent < 0.5; thickness = 2 x the deepest point's distance to the edge,
   less a voxel); else punctate_nodular when the equivalent diameter is <= 10 mm; else
@@ -35,7 +35,7 @@ from synth.lesions import HOLLOW_ORGANS, normal_tissue, surround_hu
 DENSITY_HU = 10.0
 HETERO_HU = 10.0
 EDGE_RATIO = 0.2
-EDGE_MIN_CONTRAST = 20.0
+EDGE_MIN_CONTRAST = 12.0
 IRREGULAR_FRACTION = 0.2
 PUNCTATE_MM = 10.0
 SHEET_RATIO = 0.5
