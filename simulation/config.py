@@ -76,5 +76,11 @@ class SimulationConfig:
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_mapping(raw, str(path))
 
+    @property
+    def spacing_mm(self) -> float:
+        """Generate at the preset's own spacing: the FOV is volume_size x spacing, centred on the lesion's organ."""
+        from pasta_model.presets import get_preset
+        return float(get_preset(self.preset).spacing_mm)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

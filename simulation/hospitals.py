@@ -130,10 +130,10 @@ class SiteFiles:
 
 
 def build_site(run: Path, p: HospitalProfile, size: int, epsilon: float, delta: float, max_grad_norm: float,
-               backbone: Path | None, progress: bool = True) -> SiteFiles:
+               backbone: Path | None, progress: bool = True, spacing: float = 3.0) -> SiteFiles:
     site_dir = run / "sites" / p.name
     held_dir = run / "heldout" / p.name
-    kwargs = dict(size=size, types=p.type_weights, phase=p.phase, scanner=p.scanner, progress=progress)
+    kwargs = dict(size=size, spacing=spacing, types=p.type_weights, phase=p.phase, scanner=p.scanner, progress=progress)
     generate_dataset(site_dir / "generated", p.cases, seed=p.seed, **kwargs)
     generate_dataset(held_dir / "generated", p.heldout, seed=p.seed + 1, **kwargs)
     n = export_hospital_layout(site_dir / "generated", site_dir / "data", p.has_masks, p.name)

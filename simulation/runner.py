@@ -40,7 +40,8 @@ def ensure_pretrained(cfg: SimulationConfig) -> Path:
         return final
     log.info("pretraining %s on %d synthetic cases (at most %.1f min) into %s",
              cfg.preset, cfg.pretrain_cases, cfg.pretrain_minutes, home)
-    generate_dataset(home / "data", cfg.pretrain_cases, size=cfg.volume_size, seed=cfg.seed + 104729,
+    generate_dataset(home / "data", cfg.pretrain_cases, size=cfg.volume_size, spacing=cfg.spacing_mm,
+                     seed=cfg.seed + 104729,
                      workers=max(1, min(2, os.cpu_count() or 1)))
     ckpt = pretrain(PretrainConfig(data=home / "data", out=home / "run", preset=cfg.preset,
                                    max_minutes=cfg.pretrain_minutes, seed=cfg.seed, epochs=1000))
@@ -69,11 +70,13 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
 
     t0 = time.monotonic()
     profiles = make_profiles(cfg.hospitals, cfg.seed, cfg.cases_min, cfg.cases_max, cfg.heldout_cases)
-    sites = [build_site(out, p, cfg.volume_size, cfg.epsilon, cfg.delta, cfg.max_grad_norm, backbone=None)
+    sites = [build_site(out, p, cfg.volume_size, cfg.epsilon, cfg.delta, cfg.max_grad_norm, backbone=None,
+                        spacing=cfg.spacing_mm)
              for p in profiles]
     from synth.dataset import generate_dataset
     eval_dir = out / "coordinator" / "validation"      # the coordinator's own synthetic validation set
-    generate_dataset(eval_dir, cfg.heldout_cases, size=cfg.volume_size, seed=cfg.seed + 31337)
+    generate_dataset(eval_dir, cfg.heldout_cases, size=cfg.volume_size, spacing=cfg.spacing_mm,
+                     seed=cfg.seed + 31337)
     timings["generating hospital data"] = time.monotonic() - t0
 
     from simulation.federation import run_federated   # Flower/Ray imports only when needed
