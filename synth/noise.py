@@ -40,15 +40,20 @@ def nearest_scale(scale_vox: float) -> float:
 def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], scale_vox: float) -> np.ndarray:
     """A unit-variance smooth random field of `shape` with correlation length ~`scale_vox`."""
     scale = nearest_scale(scale_vox)
-    tile = _tile(scale, int(rng.integers(TILES_PER_SCALE)))
+    return _cut(_tile(scale, int(rng.integers(TILES_PER_SCALE))), rng, shape)
+
+
+def _cut(tile: np.ndarray, rng: np.random.Generator, shape) -> np.ndarray:
+    """A `shape` block of a periodic tile at a random axis order, flip and offset."""
+    n = tile.shape[0]
     perm = rng.permutation(3)
     flips = rng.integers(0, 2, 3)
-    offs = rng.integers(0, TILE, 3)
+    offs = rng.integers(0, n, 3)
     out = tile.transpose(tuple(int(a) for a in perm))
     for a in range(3):
-        idx = (int(offs[a]) + np.arange(int(shape[a]))) % TILE
+        idx = (int(offs[a]) + np.arange(int(shape[a]))) % n
         if flips[a]:
-            idx = TILE - 1 - idx
+            idx = n - 1 - idx
         out = out.take(idx, axis=a)
     return out
 
@@ -74,14 +79,4 @@ def _white(k: int) -> np.ndarray:
 def white_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Unit Gaussian white noise of `shape`, cut from a cached 128^3 tile at a random
     offset, flip and axis order (half the cost of drawing it afresh)."""
-    tile = _white(int(rng.integers(WHITE_TILES)))
-    perm = rng.permutation(3)
-    flips = rng.integers(0, 2, 3)
-    offs = rng.integers(0, WHITE_TILE, 3)
-    out = tile.transpose(tuple(int(a) for a in perm))
-    for a in range(3):
-        idx = (int(offs[a]) + np.arange(int(shape[a]))) % WHITE_TILE
-        if flips[a]:
-            idx = WHITE_TILE - 1 - idx
-        out = out.take(idx, axis=a)
-    return out
+    return _cut(_white(int(rng.integers(WHITE_TILES))), rng, shape)
