@@ -26,7 +26,7 @@ from pasta_model.network import PastaNet
 
 log = logging.getLogger(__name__)
 
-VALIDATION_SHARE = 5        # one patient in five (by a hash of the patient id) is held out for evaluation
+VALIDATION_SHARE = 5        # one patient in five is held out for evaluation (those with the lowest id hash)
 
 
 @dataclass
@@ -48,8 +48,11 @@ class SiteTaskData:
     skipped: dict[str, str]          # case_id -> why it is not used for this task
 
 
-def is_validation(patient_id: str) -> bool:
-    return int(hashlib.sha256(patient_id.encode()).hexdigest()[:8], 16) % VALIDATION_SHARE == 0
+def validation_patients(patient_ids: list[str]) -> set[str]:
+    """Exactly len // VALIDATION_SHARE patients, chosen by a hash of their id: stable across
+    rounds and runs, and never more than a fifth, however small the site."""
+    ranked = sorted(set(patient_ids), key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    return set(ranked[: len(ranked) // VALIDATION_SHARE])
 
 
 def _region_kind(task: str) -> str:
@@ -92,7 +95,7 @@ class FeatureCache:
     def task_data(self, task: str) -> SiteTaskData:
         scan = scan_site(self.config)
         kind, decode = _region_kind(task), task == "segment"
-        rows: dict[str, list] = {"train": [], "val": []}
+        usable: list = []
         skipped: dict[str, str] = {r.case_id: r.reason for r in scan.rejected}
         seen_patients: set[str] = set()
         for source in scan.cases:
@@ -112,9 +115,11 @@ class FeatureCache:
                 log.error("case %s: %s", source.case_id, exc)
                 continue
             seen_patients.add(patient)
-            split = "val" if is_validation(patient) else "train"
-            rows[split].append((source.case_id, patient, label_dict, feats))
-        return SiteTaskData(task, self._split(task, rows["train"]), self._split(task, rows["val"]), skipped)
+            usable.append((source.case_id, patient, label_dict, feats))
+        val = validation_patients([r[1] for r in usable])
+        train_rows = [r for r in usable if r[1] not in val]
+        val_rows = [r for r in usable if r[1] in val]
+        return SiteTaskData(task, self._split(task, train_rows), self._split(task, val_rows), skipped)
 
     def _split(self, task: str, rows: list) -> TaskSplit:
         if not rows:

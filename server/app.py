@@ -93,7 +93,7 @@ def run_federation(grid: Grid, settings: RunSettings, evaluator: GlobalEvaluator
         nodes = _wait_for_nodes(grid, settings.min_sites, settings.round_timeout)
         fresh = [n for n in nodes if n not in delivered]
         problems = ensure_backbone(grid, fresh, model, meta.backbone_sha256, send=settings.send_backbone,
-                                   timeout=settings.round_timeout)
+                                   timeout=settings.round_timeout, on_reply=book.learn)
         for node, why in problems.items():
             log.warning("site %s has no usable backbone: %s", book.name(node), why)
         delivered |= set(fresh) - set(problems)

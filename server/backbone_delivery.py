@@ -28,7 +28,7 @@ def _query(node: int, config: dict, arrays: ArrayRecord | None = None) -> Messag
 
 
 def ensure_backbone(grid: Grid, nodes: list[int], model: PastaNet, sha256: str, *, send: bool,
-                    timeout: float) -> dict[int, str]:
+                    timeout: float, on_reply=None) -> dict[int, str]:
     """Returns node -> problem for nodes that still lack the backbone (empty when all have it)."""
     if not nodes:
         return {}
@@ -38,6 +38,8 @@ def ensure_backbone(grid: Grid, nodes: list[int], model: PastaNet, sha256: str, 
     need: list[int] = []
     for msg in replies:
         node = msg.metadata.src_node_id
+        if on_reply is not None:
+            on_reply(msg)          # learn the site's name from its first reply
         if msg.has_error():
             problems[node] = msg.error.reason
             continue
