@@ -14,8 +14,10 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 # batch=True: one Dice over the whole batch, so lesion-free crops (empty targets) do not
-# each contribute a 0-or-1 Dice term
-_dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+# each contribute a 0-or-1 Dice term. include_background=False: the background Dice is
+# ~1 from the start and would halve the lesion's gradient (nnU-Net's do_bg=False).
+_dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=False,
+                      smooth_nr=1e-5, smooth_dr=1e-5)
 
 
 def _zero(x: Tensor) -> Tensor:
