@@ -26,7 +26,7 @@ from client.privacy.ledger import BudgetExceeded, PrivacyLedger, ledger_key
 from client.privacy.planning import plan_noise
 from client.site_config import SiteConfig
 from pasta_model.checkpoint import backbone_sha256, load_checkpoint, read_meta, save_checkpoint
-from pasta_model.finetune import evaluate_head, head_loss
+from pasta_model.finetune import evaluate_head, head_loss, output_layer_only
 from pasta_model.network import PastaNet, backbone_keys, build_model
 from pasta_model.protocol import (DELTA, EPSILON, NOISE_MULTIPLIER, NUM_EXAMPLES, SAMPLE_RATE, STEPS, TRAIN_LOSS,
                                   ProtocolError, RoundConfig, arrays_to_heads, heads_to_arrays)
@@ -153,8 +153,8 @@ class SiteAgent:
             raise SiteRefused(f"site {self.config.site}: only {n} training patient(s) for task {config.task}; "
                               f"at least {self.config.min_cases_for_metrics} are needed")
         arrays_to_heads(model, head_arrays, config.task)
-        head = copy.deepcopy(model.heads[config.task]).train()
-        global_params = [p.detach().clone() for p in head.parameters()]
+        head = output_layer_only(copy.deepcopy(model.heads[config.task]).train())
+        global_params = [p.detach().clone() for p in head.parameters() if p.requires_grad]
         ledger = self.ledger(config.backbone_sha256)
         privacy = self.config.privacy
         remaining_rounds = config.planned_rounds - config.server_round + 1

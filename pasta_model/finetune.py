@@ -175,6 +175,23 @@ def head_loss(task: str) -> Callable[[Tensor, Mapping[str, Tensor]], Tensor]:
     raise ValueError(f"unknown task {task!r}")
 
 
+# ------------------------------------------------------------------ what DP fine-tuning updates
+def output_layer_only(head: nn.Module) -> nn.Module:
+    """Freeze all but the head's output layer (in place) and return the head.
+
+    DP-SGD's noise grows with the square root of the number of trained parameters while
+    each patient's signal is clipped to a fixed norm; training only the output layer
+    of the (pretrained) head, as PASTA's fine-tuning re-learns its output layers, cuts
+    the noise about 3x for `tiny` and 10x for `paper` at the same privacy cost.
+    """
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv3d))]
+    for p in head.parameters():
+        p.requires_grad_(False)
+    for p in layers[-1].parameters():
+        p.requires_grad_(True)
+    return head
+
+
 # ------------------------------------------------------------------ metrics
 @torch.no_grad()
 def predict_head(head: nn.Module, inputs: Tensor, batch_size: int = 16) -> Tensor:

@@ -24,7 +24,7 @@ from client.privacy.dp_trainer import train_head_dp, train_head_plain
 from client.privacy.planning import plan_noise
 from client.site_config import load_site_config
 from pasta_model.checkpoint import backbone_sha256, load_checkpoint
-from pasta_model.finetune import PRIMARY_METRIC, evaluate_head, head_loss
+from pasta_model.finetune import PRIMARY_METRIC, evaluate_head, head_loss, output_layer_only
 from pasta_model.network import PastaNet, build_model
 from simulation.config import SimulationConfig
 from simulation.hospitals import SiteFiles
@@ -62,11 +62,12 @@ def _train(cfg: SimulationConfig, task: str, head: torch.nn.Module, data: TaskSp
     n = len(data)
     kwargs = dict(epochs=cfg.rounds * cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
                   device="auto", seed=seed, patient_ids=data.patient_ids)
+    head = output_layer_only(copy.deepcopy(head).train())   # what the sites train, too
     if not dp:
-        return train_head_plain(copy.deepcopy(head).train(), data.inputs, data.targets, head_loss(task), **kwargs).head
+        return train_head_plain(head, data.inputs, data.targets, head_loss(task), **kwargs).head
     plan = plan_noise(max_epsilon=cfg.epsilon, delta=cfg.delta, n_patients=n, batch_size=cfg.batch_size,
                       local_epochs=cfg.local_epochs, rounds=cfg.rounds)
-    return train_head_dp(copy.deepcopy(head).train(), data.inputs, data.targets, head_loss(task),
+    return train_head_dp(head, data.inputs, data.targets, head_loss(task),
                          noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                          delta=cfg.delta, **kwargs).head
 
