@@ -17,7 +17,7 @@ from pasta_model.network import BackboneFeatures, PastaNet, build_model, head_in
 from pasta_model.presets import Preset, get_preset, load_presets
 from synth.vocabulary import HOST_ORGANS, LESION_TYPE_NAMES, T_STAGES
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"   # shared/ lies beside the checkout
 SEG_KEYS = REFERENCE / "pasta_keys_seg.json"
 PAPER_BACKBONE_PARAMS = 240_262_080
 

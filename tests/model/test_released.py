@@ -15,7 +15,7 @@ from pasta_model.cli_model import register_model
 from pasta_model.presets import get_preset
 from pasta_model.released import ReleasedImportError, import_released, released_layout
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"   # shared/ lies beside the checkout
 
 
 def released_state(preset: str, variant: str = "segmentation", seed: int = 0) -> dict[str, torch.Tensor]:
