@@ -4,6 +4,8 @@ VENV ?= .venv
 # CPU build on this kind of machine; on a GPU host set TORCH_SPEC to a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Tests read the output of Flower's CLI (which prints non-ASCII): never depend on the locale.
+export PYTHONUTF8 := 1
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench venv clean

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -71,12 +72,21 @@ def site_secret(state_dir: Path) -> bytes:
     return path.read_bytes()
 
 
-def noise_seed(secret: bytes, config: RoundConfig, incoming: Mapping[str, np.ndarray]) -> int:
-    """Same secret, round and incoming heads -> same seed, so a re-run round repeats its release
-    exactly (nothing new leaks); any other input -> an unrelated seed (noise never reused)."""
+def noise_seed(secret: bytes, config: RoundConfig, incoming: Mapping[str, np.ndarray],
+               data: torch.Tensor | None = None) -> int:
+    """A seed only the site can compute, and that repeats only when the whole release would.
+
+    Same secret, round settings, incoming heads and training data -> same seed, so a
+    re-run round (after a crash) repeats its release exactly and nothing new leaks;
+    anything different -> an unrelated seed, so noise is never reused on a different
+    release (two releases with the same noise would let their difference cancel it).
+    """
     digest = hashlib.sha256(secret)
-    digest.update(f"{config.run_id}/{config.server_round}/{config.task}/".encode())
+    settings = {k: v for k, v in config.to_config_dict().items() if k != "run-id"}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(payload_sha256(incoming).encode())
+    if data is not None:
+        digest.update(data.detach().cpu().contiguous().numpy().tobytes())
     return int(digest.hexdigest()[:15], 16)
 
 
@@ -175,7 +185,7 @@ class SiteAgent:
                 lr=config.learning_rate, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=privacy.max_grad_norm, task=config.task, replay=replay,
                 patient_ids=data.train.patient_ids, device=self.config.device,
-                seed=noise_seed(site_secret(self.config.state_dir), config, head_arrays),
+                seed=noise_seed(site_secret(self.config.state_dir), config, head_arrays, data.train.inputs),
                 global_params=global_params, prox_mu=config.proximal_mu)
         except BudgetExceeded as exc:
             raise SiteRefused(f"site {self.config.site}: privacy budget: {exc}") from exc
