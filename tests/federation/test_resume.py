@@ -71,18 +71,32 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path):
 
     rounds = [json.loads(l)["round"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(1, ROUNDS + 1))
-    final = load_file(str(run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))
-    ref = load_file(str(ref_run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))
-    assert final.keys() == ref.keys()
-    for key in ref:
-        np.testing.assert_allclose(final[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # determinism: the round completed before the kill is identical to the uninterrupted run's
+    first = load_file(str(run / "checkpoints" / "round-001.safetensors"))
+    ref_first = load_file(str(ref_run / "checkpoints" / "round-001.safetensors"))
+    for key in ref_first:
+        np.testing.assert_allclose(first[key], ref_first[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
-    # privacy spent is never forgotten: each completed round is in every ledger; a round that was cut
-    # short and re-run appears as a second attempt
+    # privacy spent is never forgotten: each completed round is in every ledger; a round that was
+    # cut short after the sites trained it is re-run and appears as a second attempt
+    replays = 0
     for site in sites:
-        ledger = json.loads(next((site.parent / "state" / "privacy").glob("*.json")).read_text())
+        ledger = json.loads(next((site.parent / "state" / "privacy").glob("ledger-*.json")).read_text())
         committed = sorted({e["round"] for e in ledger["entries"] if e["status"] == "committed"})
         assert committed == list(range(1, ROUNDS + 1))
         for r in range(1, ROUNDS + 1):
             attempts = [e for e in ledger["entries"] if e["round"] == r]
             assert [e["attempt"] for e in attempts] == list(range(1, len(attempts) + 1))
+            replays += len(attempts) - 1
+
+    final = load_file(str(run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))
+    ref = load_file(str(ref_run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))
+    assert final.keys() == ref.keys()
+    if replays == 0:
+        # nothing was trained twice: the resumed run is the uninterrupted run
+        for key in ref:
+            np.testing.assert_allclose(final[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    else:
+        # the re-run round was paid for twice, so the sites planned more noise for it and for the
+        # rounds after it: the final heads differ from the uninterrupted run's, by design
+        assert any(not np.allclose(final[k], ref[k], rtol=1e-5, atol=1e-6) for k in ref)
