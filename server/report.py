@@ -38,6 +38,8 @@ def _save_plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     for name, (xs, ys) in sorted(series.items()):
         ax.plot(xs, ys, marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
