@@ -30,6 +30,8 @@ from .presets import get_preset
 log = logging.getLogger(__name__)
 
 DEFAULT_LOSS_WEIGHTS = {"segment": 1.0, "report": 1.0, "detect": 0.5, "stage": 0.5, "survival": 0.2}
+# Lesions fill ~0.2-1 % of a lesion-centred crop; the segment head starts at this lesion probability.
+LESION_PRIOR = 0.01
 
 
 @dataclass
@@ -45,7 +47,7 @@ class PretrainConfig:
     seed: int = 0
     val_fraction: float = 0.2
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-5
     jitter: int = 8                        # random crop shift (voxels) around the lesion
     negatives: int = 1                     # lesion-free crops per case (detect negatives)
@@ -89,6 +91,29 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     return torch.device(name)
+
+
+def init_segment_prior(model: PastaNet, prior: float = LESION_PRIOR) -> None:
+    """Start the segment head at p(lesion) = `prior` everywhere (RetinaNet's prior init).
+
+    With the default 50/50 start, cross-entropy over crops that are >99 % background
+    first drives every voxel to background, and argmax Dice stays exactly 0 for
+    hundreds of steps while the soft Dice slowly recovers; from the prior the lesion
+    Dice of an overfitted batch passes 0.8 in ~20 steps instead of ~100.
+    """
+    if "segment" not in model.heads or not 0 < prior < 1:
+        return
+    out = model.heads["segment"].conv2
+    with torch.no_grad():
+        out.bias.zero_()
+        out.bias[0] = math.log((1 - prior) / prior)     # background logit; lesion logit stays 0
+
+
+def build_pretrain_model(preset) -> PastaNet:
+    """A fresh model for pretraining: the preset's network with the segment head at the lesion prior."""
+    model = build_model(preset)
+    init_segment_prior(model)
+    return model
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -232,7 +257,7 @@ def pretrain(config: PretrainConfig) -> Path:
     log.info("%d train / %d val cases, %s train crops, device %s, prepared in %.1fs",
              len(train_cases), len(val_cases), [len(d) for d in train_ds], device, time.monotonic() - t0)
 
-    model = build_model(preset).to(device)
+    model = build_pretrain_model(preset).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, elapsed_before, rows = 1, 0.0, []
     last = out / "last.safetensors"
