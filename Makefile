@@ -6,6 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 # Tests read the output of Flower's CLI (which prints non-ASCII): never depend on the locale.
 export PYTHONUTF8 := 1
+# Flower's processes start each other by name (flower-superlink -> flower-superexec): the venv first.
+export PATH := $(abspath $(BIN)):$(PATH)
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench venv clean

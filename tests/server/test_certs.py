@@ -340,7 +340,8 @@ def tls_superlink(doc_site, tmp_path):
     cmd[cmd.index("--port") + 1] = str(port)
     cmd[cmd.index("--host") + 1] = "127.0.0.1"  # the guide binds 0.0.0.0
     cmd[cmd.index("--database") + 1] = str(tmp_path / "state.db")
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_DISABLE_UPDATE_CHECK="1")
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_DISABLE_UPDATE_CHECK="1",
+               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")   # it starts flower-superexec
     log = (tmp_path / "superlink.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=doc_site, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
