@@ -53,7 +53,7 @@ def ensure_pretrained(cfg: SimulationConfig) -> Path:
 
 def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     """Run (or resume) a simulated federation; returns the report path."""
-    out = Path(out)
+    out = Path(out).resolve()     # site YAMLs resolve their paths against their own folder
     stored = out / "simulation.json"
     if resume:
         if not stored.exists():
