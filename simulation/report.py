@@ -78,6 +78,10 @@ def write_simulation_report(run_dir: Path, *, config: dict, sites: list[dict], t
         lines.append(f"| {method} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} |")
     lines += ["", "![comparisons](plots/comparisons.png)", "", "### What this shows", ""]
     lines += verdicts(table, small_sites) or ["- (no comparison configured)"]
+    n_held = config.get("heldout_cases", 0)
+    if n_held:
+        lines += [f"- Each hospital has {n_held} held-out cases: differences below about {1 / n_held:.2f} "
+                  f"are within the noise of one case, and the verdicts above should be read with that in mind."]
     lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", fed_body]
