@@ -56,11 +56,17 @@ def _policy(config: SiteConfig, task: str) -> OutboxPolicy:
     return OutboxPolicy(task=task, min_cases=config.min_cases_for_metrics, allowed_metrics=ALLOWED_METRICS)
 
 
+def _round_inputs(msg: Message, context: Context, resolve: SiteResolver):
+    """The site, the validated round config and the incoming head weights of a train/evaluate message."""
+    agent = _agent(resolve(context))
+    config = parse_round_config(msg.content["config"])
+    incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    return agent, config, incoming
+
+
 def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Message:
     try:
-        agent = _agent(resolve(context))
-        config = parse_round_config(msg.content["config"])
-        incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        agent, config, incoming = _round_inputs(msg, context, resolve)
         reply = agent.train(config, incoming)
         release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
                 message_type="train", arrays=reply.arrays, metrics=reply.metrics,
@@ -78,9 +84,7 @@ def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Messa
 
 def handle_evaluate(msg: Message, context: Context, resolve: SiteResolver) -> Message:
     try:
-        agent = _agent(resolve(context))
-        config = parse_round_config(msg.content["config"])
-        incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        agent, config, incoming = _round_inputs(msg, context, resolve)
         metrics = agent.evaluate(config, incoming)
         release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
                 message_type="evaluate", arrays={}, metrics=metrics,
