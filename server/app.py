@@ -32,8 +32,25 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_to_stderr()
     settings = RunSettings.from_run_config(dict(context.run_config))
     run_federation(grid, settings)
+
+
+def _log_to_stderr() -> None:
+    """Show this package's INFO lines (rounds, resume, final checkpoint) in `flwr log`.
+
+    `flwr-serverapp` leaves Python logging unconfigured, so only warnings reached its
+    stderr (through logging's last resort) and `flwr log` showed no round progress.
+    A process that configured logging itself is left alone.
+    """
+    pkg = logging.getLogger("server")
+    if logging.getLogger().handlers or pkg.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

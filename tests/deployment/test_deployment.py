@@ -108,7 +108,8 @@ def test_two_round_dp_run_over_tls(cluster_factory, pretrained, tmp_path):
     assert "epsilon spent" in _ledger(cluster, configs["alpha"], as_json=False)
 
     # following the run: flwr ls / flwr log, TensorBoard, then the model is used
-    assert cluster.run_log(run_id).strip()
+    run_log = cluster.run_log(run_id)   # the ServerApp's own INFO lines reach `flwr log`
+    assert "round 2: 3 site(s) aggregated" in run_log and "final checkpoint:" in run_log, run_log
     tb = cluster.run(guide.fill(guide.command("tensorboard"), {"/srv/pasta-fed/runs/report-01": str(run_dir)}))
     assert tb.returncode == 0, tb.stdout + tb.stderr
     assert "sites_per_round" in tb.stdout + tb.stderr
