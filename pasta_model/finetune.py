@@ -26,7 +26,7 @@ from .losses import IGNORE_INDEX
 from .network import PastaNet
 from .transforms import AIR_VALUE, build_preprocess, centred_crop, mask_center
 
-PREPROCESS_VERSION = "pasta-fed-features-1"   # bump when regions or preprocessing change (cache key)
+PREPROCESS_VERSION = "pasta-fed-features-2"   # bump when regions or preprocessing change (cache key)
 LABEL_KEYS = ("tumor_present", "organ", "t_stage", "survival_months", "survival_event",
               *ATTRIBUTES, "lesion_type")
 # The metric each task is judged by (the demo and reports lead with it).

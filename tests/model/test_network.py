@@ -13,7 +13,7 @@ from opacus.validators import ModuleValidator
 
 from pasta_model.heads import (DETECT_OUTPUTS, REPORT_OUTPUTS, TASKS, ClassHead, SegmentHead,
                                build_head, split_report_logits)
-from pasta_model.network import BackboneFeatures, PastaNet, build_model, head_input, head_keys
+from pasta_model.network import BackboneFeatures, PastaNet, build_model, centre_pool, head_input, head_keys
 from pasta_model.presets import Preset, get_preset, load_presets
 from synth.vocabulary import HOST_ORGANS, LESION_TYPE_NAMES, T_STAGES
 
@@ -89,12 +89,39 @@ def test_encoder_only_pools_the_deepest_encoder_stage(tiny):
             deepest = stage(deepest)
     assert enc.decoder is None
     assert enc.pooled.shape == (1, get_preset("tiny").deep_features)
-    assert torch.allclose(enc.pooled, deepest.mean(dim=(2, 3, 4)))
+    assert deepest.shape[2:] == (4, 4, 4)                 # 32 / 2**3: pooled over the central 2^3
+    assert torch.allclose(enc.pooled, deepest[:, :, 1:3, 1:3, 1:3].mean(dim=(2, 3, 4)))
     assert torch.allclose(enc.pooled, full.pooled)
     assert full.decoder.shape == (1, 8, 32, 32, 32)
     with pytest.raises(ValueError, match="decode=True"):
         head_input("segment", enc)
     assert head_input("stage", enc) is enc.pooled
+
+
+@pytest.mark.parametrize("n,window", [(2, (0, 2)), (3, (1, 2)), (4, (1, 3)), (6, (2, 4)), (8, (2, 6))])
+def test_centre_pool_averages_the_central_third(n, window):
+    x = torch.zeros(1, 1, n, n, n)
+    a, b = window
+    x[:, :, a:b, a:b, a:b] = 1.0
+    assert float(centre_pool(x)) == 1.0                  # exactly the window, nothing outside it
+    x[:, :, a:b, a:b, a:b] = 0.0
+    assert float(centre_pool(x)) == 0.0
+
+
+def test_pooled_features_of_lesion_crops_differ_between_cases(tiny):
+    """Why the pool is central: after InstanceNorm a global average is almost the same
+    vector for every crop (heads then learn nothing); the centre follows the input."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 32, 32, 32) * 0.2
+    x[:4, :, 12:20, 12:20, 12:20] += 0.8                  # a bright "lesion" in the centre of half the crops
+    with torch.no_grad():
+        deepest = x
+        for stage in tiny.conv_blocks_context[:-1]:
+            deepest = stage(deepest)
+        central = tiny.encode(x, decode=False).pooled
+    global_mean = deepest.mean(dim=(2, 3, 4))
+    spread = lambda f: float((f.std(0) / (f.mean(0).abs() + 1e-8)).median())  # noqa: E731
+    assert spread(central) > 5 * spread(global_mean)
 
 
 def test_indivisible_input_is_refused_with_the_divisor(tiny):
