@@ -25,8 +25,8 @@ from pasta_model.data import build_datasets, prepare_cases, region_plan  # noqa:
 from pasta_model.network import build_model  # noqa: E402
 from pasta_model.presets import get_preset  # noqa: E402
 from pasta_model.pretrain import (  # noqa: E402
-    DEFAULT_LOSS_WEIGHTS, autocast, compute_losses, make_loaders, select_device, to_device, train_step,
-    zip_longest_cycle)
+    DEFAULT_LOSS_WEIGHTS, autocast, channels_last, compute_losses, make_loaders, resolve_precision, select_device,
+    to_device, train_step, zip_longest_cycle)
 
 
 def make_data(root: Path, n: int, size: int, seed: int) -> Path:
@@ -49,18 +49,20 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="measured steps per loop and round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     preset = get_preset(args.preset)
     device = select_device(args.device)
+    precision = resolve_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_data(Path(tmp) / "data", args.n, args.size, seed=3)
         from synth.dataset import read_dataset
         cases = prepare_cases(read_dataset(data), preset, region_plan(preset, 8, 1, 0), cache_dir=None)
     datasets = build_datasets(cases, preset, augment=True, seed=0)
 
-    model = build_model(preset).to(device)
+    model = build_model(preset).to(device).to(memory_format=torch.channels_last_3d)   # as pretrain
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     w = DEFAULT_LOSS_WEIGHTS
 
@@ -74,7 +76,7 @@ def main() -> int:
             for g in opt.param_groups:
                 g["lr"] = 1e-4 * (1 - step / (10 * args.steps)) ** 0.9
             for b in batches:
-                train_step(model, b, opt, w, device)
+                train_step(model, b, opt, w, device, precision)
                 seen += b["image"].shape[0]
                 kept.append(b)
         if device.type == "cuda":
@@ -87,8 +89,8 @@ def main() -> int:
         t = time.perf_counter()
         for b in batches:
             b = to_device(b, device)
-            with autocast(device):
-                out = model(b["image"])
+            with autocast(device, precision):
+                out = model(channels_last(b["image"]))
             loss, _ = compute_losses(out, b, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -107,7 +109,7 @@ def main() -> int:
         n, s = plain_loop(kept)
         plain_n, plain_s = plain_n + n, plain_s + s
     pre_rate, plain_rate = pre_n / pre_s, plain_n / plain_s
-    result = {"preset": preset.name, "device": str(device), "batch_size": args.batch_size,
+    result = {"preset": preset.name, "device": str(device), "precision": precision, "batch_size": args.batch_size,
               "crop": preset.crop_size, "samples": pre_n,
               "pretrain_samples_per_s": round(pre_rate, 3), "plain_samples_per_s": round(plain_rate, 3),
               "overhead_vs_plain_loop": round(plain_rate / pre_rate, 3), "target": 1.15}

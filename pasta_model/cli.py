@@ -14,7 +14,8 @@ def _pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain
 
     overrides = {"data": args.data, "out": args.out, "preset": args.preset, "epochs": args.epochs,
-                 "max_minutes": args.max_minutes, "max_cpu_minutes": args.max_cpu_minutes, "device": args.device, "seed": args.seed,
+                 "max_minutes": args.max_minutes, "max_cpu_minutes": args.max_cpu_minutes, "device": args.device,
+                 "precision": args.precision, "seed": args.seed,
                  "val_fraction": args.val_fraction, "batch_size": args.batch_size, "lr": args.lr,
                  "max_cases": args.max_cases}
     try:
@@ -72,6 +73,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-cpu-minutes", type=float, default=None,
                    help="process CPU-time budget (all threads; 2 cores x 10 min = 20): repeatable on a shared machine")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=None)

@@ -136,7 +136,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, *, device: str = "aut
 
     # whole-volume segmentation
     pre = build_preprocess(preset)
-    dices, hds = [], []
+    dices, hds, per_case = [], [], []
     items = case_items(records)
     it = items
     if progress:
@@ -153,6 +153,10 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, *, device: str = "aut
         truth = (d["label"][0] == LESION_LABEL).numpy()
         dices.append(M.dice(pred, truth))
         hds.append(M.hd95(pred, truth, spacing=preset.spacing_mm))
+        lesion = (item["report"].get("lesions") or [{}])[0]
+        per_case.append({"case_id": item["case_id"], "lesion_type": item["report"].get("lesion_type"),
+                         "density": lesion.get("density"), "lesion_voxels": int(truth.sum()),
+                         "predicted_voxels": int(pred.sum()), "dice": dices[-1], "hd95_mm": hds[-1]})
 
     # classification heads on centred crops (no jitter), detection with lesion-free crops
     cases = prepare_cases(records, preset, region_plan(preset, 0, 1, 0), cache_dir=None, workers=2)
@@ -166,6 +170,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, *, device: str = "aut
     }
     out.update(classification_metrics(res))
     out["attributes_beating_majority"] = [n for n in REPORT_OUTPUTS if out[f"acc_{n}"] > out[f"majority_{n}"]]
+    out["per_case"] = per_case
     return out
 
 

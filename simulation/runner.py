@@ -30,9 +30,9 @@ def ensure_pretrained(cfg: SimulationConfig) -> Path:
         if not path.exists():
             raise SimulationConfigError(f"pretrained: {path} does not exist")
         return path
-    from pasta_model.pretrain import PretrainConfig, pretrain
+    from pasta_model.pretrain import RECIPE_VERSION, PretrainConfig, pretrain
     from synth.dataset import generate_dataset
-    key = f"{cfg.preset}-n{cfg.pretrain_cases}-v{cfg.volume_size}-m{cfg.pretrain_minutes:g}-s{cfg.seed}"
+    key = f"{cfg.preset}-n{cfg.pretrain_cases}-v{cfg.volume_size}-m{cfg.pretrain_minutes:g}-s{cfg.seed}-r{RECIPE_VERSION}"
     home = cache_root() / f"pretrained-{key}"
     final = home / "pretrained.ckpt"
     if final.exists():

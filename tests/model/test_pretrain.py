@@ -51,18 +51,20 @@ def test_one_epoch_then_resume_writes_metrics_checkpoints_and_last_line(dataset,
     assert any(not torch.equal(state_1[k], v) for k, v in model2.state_dict().items())   # it trained on
 
 
-def test_training_steps_reduce_the_multitask_loss(dataset):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_steps_reduce_the_multitask_loss(dataset, precision):
     from synth.dataset import read_dataset
     tiny = get_preset("tiny")
     cases = prepare_cases(read_dataset(dataset)[:2], tiny, region_plan(tiny, 0, 1, 0))
     ds = build_datasets(cases, tiny, augment=False)[0]
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     torch.manual_seed(0)
-    model = build_model(tiny)
+    model = build_model(tiny).to(memory_format=torch.channels_last_3d)    # as pretrain() runs it
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    first = train_step(model, batch, opt, DEFAULT_LOSS_WEIGHTS, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    first = train_step(model, batch, opt, DEFAULT_LOSS_WEIGHTS, cpu, precision)
     for _ in range(3):
-        last = train_step(model, batch, opt, DEFAULT_LOSS_WEIGHTS, torch.device("cpu"))
+        last = train_step(model, batch, opt, DEFAULT_LOSS_WEIGHTS, cpu, precision)
     assert last["loss"] < first["loss"]
     assert set(first) >= {"segment", "report", "detect", "stage", "survival"}
 
@@ -74,6 +76,8 @@ def test_config_errors_name_the_bad_key(tmp_path):
         PretrainConfig(data=tmp_path, out=tmp_path, preset="huge")
     with pytest.raises(ValueError, match="loss_weights"):
         PretrainConfig(data=tmp_path, out=tmp_path, loss_weights={"segmentation": 1.0})
+    with pytest.raises(ValueError, match="precision: 'fp16'"):
+        PretrainConfig(data=tmp_path, out=tmp_path, precision="fp16")
     cfg = PretrainConfig.from_yaml("configs/pretrain.yaml", data=tmp_path, out=tmp_path)
     assert cfg.preset == "tiny" and cfg.loss_weights["segment"] == 1.0
 
@@ -84,7 +88,6 @@ def test_a_fresh_model_overfits_the_lesion_of_a_tiny_batch(dataset):
     from synth.dataset import read_dataset
     from pasta_model.data import CropDataset
     from pasta_model.evaluate import crop_metrics
-    from pasta_model.pretrain import build_pretrain_model
 
     tiny = get_preset("tiny")
     cases = prepare_cases(read_dataset(dataset)[:2], tiny, region_plan(tiny, 0, 0, 0))
@@ -93,9 +96,18 @@ def test_a_fresh_model_overfits_the_lesion_of_a_tiny_batch(dataset):
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     assert 0 < float(batch["seg"].mean()) < 0.05           # small lesions: the hard, realistic case
     torch.manual_seed(0)
-    model = build_pretrain_model(tiny)
+    model = build_model(tiny)
     assert crop_metrics(model, [ds], torch.device("cpu"))["dice"] < 0.2
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(25):
         train_step(model, batch, opt, DEFAULT_LOSS_WEIGHTS, torch.device("cpu"))
     assert crop_metrics(model, [ds], torch.device("cpu"))["dice"] > 0.5
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it():
+    from pasta_model.pretrain import resolve_precision
+    cpu = torch.device("cpu")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
