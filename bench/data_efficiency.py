@@ -118,9 +118,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--tasks", default="report,segment",
+                    help="report and/or segment (segment fits a full-resolution head: ~40 min on 2 cores)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ks = [int(k) for k in args.ks.split(",")]
+    tasks = {t.strip() for t in args.tasks.split(",")}
+    if not tasks <= {"report", "segment"} or "report" not in tasks:
+        ap.error(f"--tasks: {args.tasks!r}; valid: report or report,segment")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -142,7 +147,9 @@ def main() -> int:
     for k in ks:
         row: dict = {}
         for name, (pooled, decoder, masks, labels) in feats.items():
-            scores: dict[str, list] = {"report_accuracy": [], "lesion_type_accuracy": [], "dice": []}
+            scores: dict[str, list] = {"report_accuracy": [], "lesion_type_accuracy": []}
+            if "segment" in tasks:
+                scores["dice"] = []
             for rep in range(args.repeats):
                 train_idx = np.random.default_rng(100 + rep).choice(pool_idx, size=min(k, len(pool_idx)), replace=False)
                 lab_tr = [labels[i] for i in train_idx]
@@ -152,6 +159,8 @@ def main() -> int:
                 res = F.evaluate_head("report", head, pooled[test_idx], F.encode_targets("report", lab_te))
                 scores["report_accuracy"].append(res["accuracy"])
                 scores["lesion_type_accuracy"].append(res.get("accuracy-lesion_type", float("nan")))
+                if "segment" not in tasks:
+                    continue
                 y = F.encode_targets("segment", lab_tr, [masks[i] for i in train_idx])
                 head = fit_head("segment", preset, decoder[train_idx], y, args.steps, seed=rep)
                 res = F.evaluate_head("segment", head, decoder[test_idx],
@@ -164,7 +173,7 @@ def main() -> int:
         table[str(k)] = row
         print(f"k={k:>3}  " + "  ".join(f"{n}: " + ", ".join(f"{m} {v:.3f}" for m, v in row[n].items())
                                           for n in ("pretrained", "random")), flush=True)
-    result = {"backbone_frozen": True, "ks": ks, "n_test": args.n_test, "repeats": args.repeats,
+    result = {"backbone_frozen": True, "tasks": sorted(tasks), "ks": ks, "n_test": args.n_test, "repeats": args.repeats,
               "checkpoint": str(args.checkpoint) if args.checkpoint else "pretrained in this run",
               "table": table, "pretrained_wins_every_k": all(r["pretrained_wins"] for r in table.values()),
               "seconds": round(time.monotonic() - t0, 1)}
