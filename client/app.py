@@ -14,7 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.privacy.audit import AuditLog
+from client.privacy.audit import AuditLog, AuditRecord
 from client.privacy.outbox import DEFAULT_ALLOWED_METRICS, OutboxPolicy, OutboxRefused, release
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.task import SiteAgent, SiteRefused, parse_round_config
@@ -47,8 +47,21 @@ def _agent(path: Path) -> SiteAgent:
     return _AGENTS[path]
 
 
-def _refuse(msg: Message, reason: str) -> Message:
+def _refuse(msg: Message, reason: str, agent: SiteAgent | None = None, config=None,
+            audited: bool = False) -> Message:
+    """An error reply carrying only `reason`; audited like any reply when the site is known.
+
+    The reason text leaves the site too, so it goes into the audit log (status "refused").
+    `audited`: the outbox already logged this refusal. Without a readable site config
+    there is no state_dir to log to (the SuperNode's log still has the line).
+    """
     log.error("refused %s: %s", msg.metadata.message_type, reason)
+    if agent is not None and not audited:
+        AuditLog(agent.config.state_dir).append(AuditRecord.describe(
+            run_id=config.run_id if config is not None else f"flower-{msg.metadata.run_id}",
+            round=config.server_round if config is not None else 0,
+            message_type=str(msg.metadata.message_type), arrays={}, status="refused", reason=reason,
+            site=agent.config.site))
     return Message(error=Error(code=ERROR_CODE_REFUSED, reason=reason), reply_to=msg)
 
 
@@ -65,7 +78,9 @@ def _round_inputs(msg: Message, context: Context, resolve: SiteResolver):
 
 
 def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+    agent = config = None
     try:
+        agent = _agent(resolve(context))
         agent, config, incoming = _round_inputs(msg, context, resolve)
         reply = agent.train(config, incoming)
         release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
@@ -73,7 +88,7 @@ def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Messa
                 policy=_policy(agent.config, config.task), site=agent.config.site,
                 expected_shapes={k: v.shape for k, v in incoming.items()})
     except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
-        return _refuse(msg, str(exc))
+        return _refuse(msg, str(exc), agent, config, audited=isinstance(exc, OutboxRefused))
     content = RecordDict({
         "arrays": _array_record(reply.arrays),
         "metrics": MetricRecord(reply.metrics),
@@ -83,20 +98,23 @@ def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Messa
 
 
 def handle_evaluate(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+    agent = config = None
     try:
+        agent = _agent(resolve(context))
         agent, config, incoming = _round_inputs(msg, context, resolve)
         metrics = agent.evaluate(config, incoming)
         release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
                 message_type="evaluate", arrays={}, metrics=metrics,
                 policy=_policy(agent.config, config.task), site=agent.config.site)
     except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
-        return _refuse(msg, str(exc))
+        return _refuse(msg, str(exc), agent, config, audited=isinstance(exc, OutboxRefused))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
                                        SITE_RECORD: ConfigRecord({"name": agent.config.site})}), reply_to=msg)
 
 
 def handle_query(msg: Message, context: Context, resolve: SiteResolver) -> Message:
     """Backbone handshake: `has-backbone`, then (if needed) `install-backbone` with the weights."""
+    agent = None
     try:
         agent = _agent(resolve(context))
         cfg = dict(msg.content["config"])
@@ -117,7 +135,10 @@ def handle_query(msg: Message, context: Context, resolve: SiteResolver) -> Messa
         else:
             raise SiteRefused(f"query: unknown action {action!r}")
     except (SiteRefused, SiteConfigError) as exc:
-        return _refuse(msg, str(exc))
+        return _refuse(msg, str(exc), agent)
+    AuditLog(agent.config.state_dir).append(AuditRecord.describe(
+        run_id=f"flower-{msg.metadata.run_id}", round=0, message_type=f"query:{action}", arrays={},
+        metrics={"has-backbone": int(has)}, site=agent.config.site))
     return Message(content=RecordDict({"metrics": MetricRecord({"has-backbone": int(has)}),
                                        SITE_RECORD: ConfigRecord({"name": agent.config.site})}), reply_to=msg)
 

@@ -49,6 +49,11 @@ def _resolve(ctx: Context) -> Path:
     return Path(ctx.node_config["hospital-config"])
 
 
+def _audit_lines(yaml_path: Path) -> list[dict]:
+    path = yaml_path.parent / "state" / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def test_train_round_returns_only_head_keys_and_charges_the_ledger(site):
     yaml_path, model, meta = site
     heads = heads_to_arrays(model, "report")
@@ -73,9 +78,14 @@ def test_round_config_with_a_path_or_unknown_key_is_refused(site):
     bad["run-id"] = "../../etc"
     reply = handle_train(_msg("train", heads, bad), _ctx(yaml_path), _resolve)
     assert reply.has_error() and reply.error.code == ERROR_CODE_REFUSED and "run-id" in reply.error.reason
+    n = len(_audit_lines(yaml_path))
     extra = {**_config(meta, 1), "data-dir": "x"}
     reply = handle_train(_msg("train", heads, extra), _ctx(yaml_path), _resolve)
     assert reply.has_error() and "unknown" in reply.error.reason
+    # the reason text leaves the site, so the refusal is in the audit log, word for word
+    last = _audit_lines(yaml_path)[n:]
+    assert [(a["status"], a["message_type"], a["reason"], a["keys"]) for a in last] == \
+        [("refused", "train", reply.error.reason, [])]
 
 
 def test_heads_of_another_task_are_refused(site):
@@ -120,8 +130,12 @@ def test_backbone_query_answers_from_the_configured_checkpoint(site):
                                                       "preset": "tiny"})}),
                   metadata=Metadata(run_id=1, message_id="q", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                                     group_id="1", created_at=0.0, ttl=3600, message_type="query"))
+    n = len(_audit_lines(yaml_path))
     reply = handle_query(msg, _ctx(yaml_path), _resolve)
     assert reply.content["metrics"]["has-backbone"] == 1
+    last = _audit_lines(yaml_path)[n:]
+    assert [(a["status"], a["message_type"], a["metrics"]) for a in last] == \
+        [("sent", "query:has-backbone", {"has-backbone": 1})]
 
 
 def test_noise_seed_comes_from_the_site_secret(tmp_path):
