@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.privacy.audit import AuditLog, AuditRecord
-from client.privacy.outbox import DEFAULT_ALLOWED_METRICS, OutboxPolicy, OutboxRefused, release
+from client.privacy.outbox import DEFAULT_ALLOWED_METRICS, OutboxPolicy, OutboxRefused, record_refusal, release
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.task import SiteAgent, SiteRefused, parse_round_config
 from pasta_model.finetune import METRIC_NAMES
@@ -47,21 +47,19 @@ def _agent(path: Path) -> SiteAgent:
     return _AGENTS[path]
 
 
-def _refuse(msg: Message, reason: str, agent: SiteAgent | None = None, config=None,
-            audited: bool = False) -> Message:
-    """An error reply carrying only `reason`; audited like any reply when the site is known.
+def _refuse(msg: Message, exc: Exception, agent: SiteAgent | None = None, config=None) -> Message:
+    """An error reply carrying only the reason, audited like any reply when the site is known.
 
-    The reason text leaves the site too, so it goes into the audit log (status "refused").
-    `audited`: the outbox already logged this refusal. Without a readable site config
+    The outbox audits its own refusals (`exc.audited`). Without a readable site config
     there is no state_dir to log to (the SuperNode's log still has the line).
     """
+    reason = str(exc)
     log.error("refused %s: %s", msg.metadata.message_type, reason)
-    if agent is not None and not audited:
-        AuditLog(agent.config.state_dir).append(AuditRecord.describe(
-            run_id=config.run_id if config is not None else f"flower-{msg.metadata.run_id}",
-            round=config.server_round if config is not None else 0,
-            message_type=str(msg.metadata.message_type), arrays={}, status="refused", reason=reason,
-            site=agent.config.site))
+    if agent is not None and not getattr(exc, "audited", False):
+        record_refusal(AuditLog(agent.config.state_dir),
+                       run_id=config.run_id if config is not None else f"flower-{msg.metadata.run_id}",
+                       round=config.server_round if config is not None else 0,
+                       message_type=str(msg.metadata.message_type), reason=reason, site=agent.config.site)
     return Message(error=Error(code=ERROR_CODE_REFUSED, reason=reason), reply_to=msg)
 
 
@@ -69,26 +67,25 @@ def _policy(config: SiteConfig, task: str) -> OutboxPolicy:
     return OutboxPolicy(task=task, min_cases=config.min_cases_for_metrics, allowed_metrics=ALLOWED_METRICS)
 
 
-def _round_inputs(msg: Message, context: Context, resolve: SiteResolver):
-    """The site, the validated round config and the incoming head weights of a train/evaluate message."""
-    agent = _agent(resolve(context))
+def _round_inputs(msg: Message):
+    """The validated round config and the incoming head weights of a train/evaluate message."""
     config = parse_round_config(msg.content["config"])
     incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    return agent, config, incoming
+    return config, incoming
 
 
 def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Message:
     agent = config = None
     try:
         agent = _agent(resolve(context))
-        agent, config, incoming = _round_inputs(msg, context, resolve)
+        config, incoming = _round_inputs(msg)
         reply = agent.train(config, incoming)
         release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
                 message_type="train", arrays=reply.arrays, metrics=reply.metrics,
                 policy=_policy(agent.config, config.task), site=agent.config.site,
                 expected_shapes={k: v.shape for k, v in incoming.items()})
     except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
-        return _refuse(msg, str(exc), agent, config, audited=isinstance(exc, OutboxRefused))
+        return _refuse(msg, exc, agent, config)
     content = RecordDict({
         "arrays": _array_record(reply.arrays),
         "metrics": MetricRecord(reply.metrics),
@@ -101,13 +98,13 @@ def handle_evaluate(msg: Message, context: Context, resolve: SiteResolver) -> Me
     agent = config = None
     try:
         agent = _agent(resolve(context))
-        agent, config, incoming = _round_inputs(msg, context, resolve)
+        config, incoming = _round_inputs(msg)
         metrics = agent.evaluate(config, incoming)
         release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
                 message_type="evaluate", arrays={}, metrics=metrics,
                 policy=_policy(agent.config, config.task), site=agent.config.site)
     except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
-        return _refuse(msg, str(exc), agent, config, audited=isinstance(exc, OutboxRefused))
+        return _refuse(msg, exc, agent, config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
                                        SITE_RECORD: ConfigRecord({"name": agent.config.site})}), reply_to=msg)
 
@@ -135,7 +132,7 @@ def handle_query(msg: Message, context: Context, resolve: SiteResolver) -> Messa
         else:
             raise SiteRefused(f"query: unknown action {action!r}")
     except (SiteRefused, SiteConfigError) as exc:
-        return _refuse(msg, str(exc), agent)
+        return _refuse(msg, exc, agent)
     AuditLog(agent.config.state_dir).append(AuditRecord.describe(
         run_id=f"flower-{msg.metadata.run_id}", round=0, message_type=f"query:{action}", arrays={},
         metrics={"has-backbone": int(has)}, site=agent.config.site))

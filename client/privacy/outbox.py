@@ -107,6 +107,18 @@ def check_outgoing(arrays: Mapping[str, Any], metrics: Mapping[str, Any], policy
                                 f"min_cases={policy.min_cases}; refusing to reply")
 
 
+def record_refusal(audit: AuditLog, *, run_id: str, round: int, message_type: str, reason: str,
+                   site: str | None = None, attempted_keys=(), metrics: Mapping[str, Any] | None = None) -> AuditRecord:
+    """Log a refusal: its reason leaves the site as the error text, so it is audited word for word.
+
+    `attempted_keys`: what would have been sent; nothing was.
+    """
+    record = AuditRecord.describe(run_id=run_id, round=round, message_type=message_type, arrays={},
+                                  metrics=metrics, status="refused", reason=reason, site=site)
+    record.keys = sorted(str(k) for k in attempted_keys)
+    return audit.append(record)
+
+
 def release(audit: AuditLog, *, run_id: str, round: int, message_type: str, arrays: Mapping[str, Any],
             metrics: Mapping[str, Any], policy: OutboxPolicy, metric_cases: Mapping[str, int] | None = None,
             expected_shapes: Mapping[str, Sequence[int]] | None = None, site: str | None = None) -> AuditRecord:
@@ -117,11 +129,10 @@ def release(audit: AuditLog, *, run_id: str, round: int, message_type: str, arra
     try:
         check_outgoing(arrays, metrics, policy, metric_cases=metric_cases, expected_shapes=expected_shapes)
     except OutboxRefused as exc:
-        safe_metrics = {k: v for k, v in metrics.items() if k in policy.allowed_metrics}
-        record = AuditRecord.describe(run_id=run_id, round=round, message_type=message_type, arrays={},
-                                      metrics=safe_metrics, status="refused", reason=str(exc), site=site)
-        record.keys = sorted(str(k) for k in arrays)  # what was attempted; nothing was sent
-        audit.append(record)
+        record_refusal(audit, run_id=run_id, round=round, message_type=message_type, reason=str(exc), site=site,
+                       attempted_keys=arrays,
+                       metrics={k: v for k, v in metrics.items() if k in policy.allowed_metrics})
+        exc.audited = True
         raise
     return audit.append(AuditRecord.describe(run_id=run_id, round=round, message_type=message_type,
                                              arrays=arrays, metrics=metrics, site=site))
