@@ -25,7 +25,7 @@ from pasta_model.data import build_datasets, prepare_cases, region_plan  # noqa:
 from pasta_model.network import build_model  # noqa: E402
 from pasta_model.presets import get_preset  # noqa: E402
 from pasta_model.pretrain import (  # noqa: E402
-    DEFAULT_LOSS_WEIGHTS, autocast, channels_last, compute_losses, make_loaders, resolve_precision, select_device,
+    DEFAULT_LOSS_WEIGHTS, PretrainConfig, autocast, channels_last, compute_losses, make_loaders, resolve_precision, select_device,
     to_device, train_step, zip_longest_cycle)
 
 
@@ -59,8 +59,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_data(Path(tmp) / "data", args.n, args.size, seed=3)
         from synth.dataset import read_dataset
-        cases = prepare_cases(read_dataset(data), preset, region_plan(preset, 8, 1, 0), cache_dir=None)
-    datasets = build_datasets(cases, preset, augment=True, seed=0)
+        recipe = PretrainConfig(data=data, out=tmp)          # pretrain's default crops and augmentation
+        cases = prepare_cases(read_dataset(data), preset,
+                              region_plan(preset, recipe.jitter, recipe.negatives, 0), cache_dir=None)
+    datasets = build_datasets(cases, preset, augment=recipe.augment, seed=0)
 
     model = build_model(preset).to(device).to(memory_format=torch.channels_last_3d)   # as pretrain
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)

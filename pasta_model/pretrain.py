@@ -259,12 +259,12 @@ def pretrain(config: PretrainConfig) -> Path:
         raise ValueError(f"{cfg.data}: no usable training cases")
     train_ds = build_datasets(train_cases, preset, augment=cfg.augment, seed=cfg.seed)
     val_ds = build_datasets(val_cases, preset, augment=False) if val_cases else []
+    precision = resolve_precision(cfg.precision, device)
     log.info("%d train / %d val cases, %s train crops, device %s (%s), prepared in %.1fs",
-             len(train_cases), len(val_cases), [len(d) for d in train_ds], device,
-             resolve_precision(cfg.precision, device), time.monotonic() - t0)
+             len(train_cases), len(val_cases), [len(d) for d in train_ds], device, precision,
+             time.monotonic() - t0)
 
     model = build_model(preset).to(device).to(memory_format=torch.channels_last_3d)
-    precision = resolve_precision(cfg.precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, elapsed_before, rows = 1, 0.0, []
     last = out / "last.safetensors"
