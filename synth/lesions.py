@@ -381,6 +381,16 @@ def _place(ctx: _Context, model: TypeModel, intent: dict) -> Lesion | None:
         r = min(r, max(dc - smin, 0.8 * smin))
     r = max(r, 1.05 * smin)  # at least the voxel and its six neighbours
     intent["diameter_mm"] = 2 * r
+    need = [int(np.ceil((r * 1.6 + 12.0 + 3 * max(sp)) / s)) for s in sp]
+    if any(n > h for n, h in zip(need, half)):
+        # an invading lesion deep in its organ grew past the box planned for its drawn
+        # size: drawn in that box, a 63 mm lung tumour came out as a cube
+        sl = _crop(c, need, shape3)
+        host = ctx.host[sl]
+        depth = _depth(host, sp)
+        cl = tuple(int(ci - s.start) for ci, s in zip(c, sl))
+        img = ctx.image[sl]
+        dx, dy, dz = _offsets(sl, c, sp)
 
     # -- the shape: a signed distance-like field d (mm, < 0 inside) ---------------------
     if wall:

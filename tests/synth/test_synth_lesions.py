@@ -105,3 +105,14 @@ def test_noise_inside_a_lesion_matches_the_volume():
     resid = img - ndi.uniform_filter(img, 3)
     fat = ndi.binary_erosion((img > -160) & (img < -40), iterations=2)   # featureless tissue
     assert 0.75 < noise(resid, core) / noise(resid, fat) < 1.33
+
+
+def test_a_large_invading_lesion_is_not_clipped_to_its_box():
+    """Seed 1, case 45 at 96^3: a T4 lung tumour that outgrew the box planned for its drawn
+    size came out as a cube (98 % of its bounding box). An ellipsoid fills ~52 %."""
+    from synth.run import make_config
+
+    case = generate_case(1, 45, make_config(seed=1, size=96))
+    for les in case.report["lesions"]:
+        lo, hi = np.array(les["bbox_voxel"])
+        assert les["voxels"] / np.prod(hi - lo + 1) < 0.75, les
