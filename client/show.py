@@ -6,12 +6,12 @@ atomically and never inside the hospital's data folders.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from synth.atomic import atomic_path
 
 from .ingest import IngestError, LoadedCase, read_case, scan_site
 from .site_config import SiteConfig
@@ -72,22 +72,10 @@ def _check_output(config: SiteConfig, out: Path) -> Path:
     return out
 
 
-def _atomic(out: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename over the target."""
-    suffix = "".join(out.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_nifti(config: SiteConfig, case: LoadedCase, out: Path) -> Path:
     out = _check_output(config, out)
-    _atomic(out, lambda tmp: sitk.WriteImage(case.image, tmp, useCompression=True))
+    with atomic_path(out) as tmp:
+        sitk.WriteImage(case.image, str(tmp), useCompression=True)
     return out
 
 
@@ -126,7 +114,8 @@ def write_png(config: SiteConfig, case: LoadedCase, out: Path,
     fig.suptitle(f"{case.case_id}  window L{level:g} W{width:g} HU  "
                  f"spacing {sx:.2f}x{sy:.2f}x{sz:.2f} mm")
     fig.tight_layout()
-    _atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return out
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from synth import vocabulary
+from synth.atomic import atomic_path
 
 from .heads import DETECT_OUTPUTS, REPORT_OUTPUTS, SEGMENT_CLASSES
 from .network import HEADS_PREFIX, PastaNet, build_model
@@ -90,12 +90,6 @@ def backbone_sha256(model_or_state_dict: nn.Module | Mapping[str, Tensor]) -> st
     return digest.hexdigest()
 
 
-def _atomic_target(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def save_checkpoint(path: str | os.PathLike, model: PastaNet, extra: dict | None = None) -> CheckpointMeta:
     """Write weights + metadata atomically (temp file in the same folder, then rename)."""
     path = Path(path)
@@ -113,14 +107,8 @@ def save_checkpoint(path: str | os.PathLike, model: PastaNet, extra: dict | None
         header = {META_KEY: json.dumps(dataclasses.asdict(meta), sort_keys=True), "format": FORMAT}
     except TypeError as exc:
         raise ValueError(f"{path}: checkpoint 'extra' must be JSON-serialisable ({exc})") from None
-    tmp = _atomic_target(path)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
     log.info("saved checkpoint %s (preset %s, tasks %s)", path, meta.preset, meta.tasks)
     return meta
 

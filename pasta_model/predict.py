@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from monai.transforms import EnsureChannelFirst, LoadImage, ResampleToMatch
 from scipy import ndimage
 
+from synth.atomic import atomic_path, write_atomic
 from synth.vocabulary import ATTRIBUTES, LESION_TYPE_NAMES, T_STAGES
 
 from .checkpoint import load_checkpoint
@@ -27,12 +27,6 @@ from .network import PastaNet
 from .transforms import build_preprocess, centred_crop, plain, read_dicom_series
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def lesion_components(mask: np.ndarray, spacing, min_voxels: int = 1) -> list[dict]:
@@ -175,26 +169,25 @@ def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, d
         detection = detect_volume(model, img, dev) if "detect" in model.heads else {}
 
         mask_path = out_dir / "mask.nii.gz"
-        tmp_mask = Path(tmp) / "mask.nii.gz"
-        if sitk_img is not None:
-            import SimpleITK as sitk
-            # the DICOM grid: transpose nibabel's (x, y, z) back to SimpleITK's (z, y, x) array order
-            m = sitk.GetImageFromArray(np.transpose(mask, (2, 1, 0)).copy())
-            m.CopyInformation(sitk_img)
-            sitk.WriteImage(m, str(tmp_mask))
-        else:
-            hdr = ref.header.copy()
-            hdr.set_data_dtype(np.uint8)
-            out_img = nib.Nifti1Image(mask, ref.affine, hdr)
-            out_img.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
-            out_img.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
-            nib.save(out_img, str(tmp_mask))
-        os.replace(tmp_mask, mask_path)
+        with atomic_path(mask_path) as tmp_mask:
+            if sitk_img is not None:
+                import SimpleITK as sitk
+                # the DICOM grid: transpose nibabel's (x, y, z) back to SimpleITK's (z, y, x) array order
+                m = sitk.GetImageFromArray(np.transpose(mask, (2, 1, 0)).copy())
+                m.CopyInformation(sitk_img)
+                sitk.WriteImage(m, str(tmp_mask))
+            else:
+                hdr = ref.header.copy()
+                hdr.set_data_dtype(np.uint8)
+                out_img = nib.Nifti1Image(mask, ref.affine, hdr)
+                out_img.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+                out_img.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+                nib.save(out_img, str(tmp_mask))
 
     report = {
         "input": str(image), "checkpoint": str(checkpoint), "preset": meta.preset,
         "mask": str(mask_path), "lesions": lesions, "primary_lesion": primary, "detection": detection,
     }
-    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2))
-    _atomic_write(out_dir / "report.txt", report_text(report))
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    write_atomic(out_dir / "report.txt", report_text(report))
     return report

@@ -10,15 +10,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
+from synth.atomic import atomic_path, write_atomic
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import build_datasets, prepare_cases, region_plan, split_cases
@@ -170,12 +172,6 @@ def train_step(model: PastaNet, batch: dict, optimizer: torch.optim.Optimizer, w
     return parts
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for r in rows:
@@ -184,7 +180,7 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
-    _atomic_write_text(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -195,9 +191,8 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def make_loaders(datasets, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[DataLoader]:
@@ -249,7 +244,7 @@ def pretrain(config: PretrainConfig) -> Path:
     if not records:
         raise ValueError(f"{cfg.data}: no cases found")
     train_ids, val_ids = split_cases([r.case_id for r in records], cfg.val_fraction, cfg.seed)
-    _atomic_write_text(out / "split.json", __import__("json").dumps({"train": train_ids, "val": val_ids}, indent=1))
+    write_atomic(out / "split.json", json.dumps({"train": train_ids, "val": val_ids}, indent=1))
     plan = region_plan(preset, cfg.jitter, cfg.negatives, cfg.seed)
     cases = prepare_cases(records, preset, plan, cache_dir=out / "cache", workers=cfg.workers, progress=cfg.progress)
     val_set = set(val_ids)

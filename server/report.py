@@ -5,7 +5,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from server.run_state import RunDirectory, atomic_write_bytes
+from server.run_state import RunDirectory
+from synth.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,5 +106,5 @@ def write_report(run: RunDirectory, title: str = "Federated run") -> Path:
         lines += ["", "## Time per round", "", "| round | sites | seconds |", "|---|---|---|"]
         lines += [f"| {r['round']} | {r.get('num_sites')} | {r.get('seconds', 0):.1f} |" for r in records]
     path = run.root / "report.md"
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    write_atomic(path, "\n".join(lines) + "\n")
     return path

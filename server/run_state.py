@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -25,23 +24,15 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from synth.atomic import atomic_path, write_atomic
+
 log = logging.getLogger(__name__)
 
 _ROUND_JSON = re.compile(r"round-(\d{3,})\.json$")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -79,12 +70,8 @@ class RunDirectory:
 
     def save_round(self, rnd: int, heads: dict[str, np.ndarray], record: dict[str, Any]) -> None:
         weights, meta = self.round_paths(rnd)
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-        save_file({k: np.ascontiguousarray(v) for k, v in heads.items()}, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, weights)
+        with atomic_path(weights) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in heads.items()}, str(tmp))
         atomic_write_json(meta, {"round": rnd, **record})   # completeness marker
         self.rebuild_metrics()
 
@@ -112,5 +99,5 @@ class RunDirectory:
     def rebuild_metrics(self) -> Path:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records())
         path = self.root / "metrics.jsonl"
-        atomic_write_bytes(path, lines.encode())
+        write_atomic(path, lines)
         return path

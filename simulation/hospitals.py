@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 
+from synth.atomic import atomic_path, write_atomic
 from synth.dataset import generate_dataset, read_dataset
 from synth.scanner import ScannerProfile
 from synth.vocabulary import ATTRIBUTES, LESION_TYPE_NAMES, PHASES
@@ -64,13 +65,6 @@ def make_profiles(n: int, seed: int, cases_min: int, cases_max: int, heldout: in
     return profiles
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def export_hospital_layout(generated: Path, out: Path, with_masks: bool, prefix: str) -> int:
     """PASTA-Gen layout -> images/<case>.nii.gz (+ masks/, lesion = 1) + labels.csv."""
     records = read_dataset(generated)
@@ -91,9 +85,8 @@ def export_hospital_layout(generated: Path, out: Path, with_masks: bool, prefix:
         if with_masks and not (masks / f"{case_id}.nii.gz").exists():
             label = nib.load(str(rec.label))
             lesion = (np.asarray(label.dataobj) == 2).astype(np.uint8)
-            tmp = masks / f".{case_id}.tmp.nii.gz"
-            nib.save(nib.Nifti1Image(lesion, label.affine), str(tmp))
-            os.replace(tmp, masks / f"{case_id}.nii.gz")
+            with atomic_path(masks / f"{case_id}.nii.gz") as tmp:
+                nib.save(nib.Nifti1Image(lesion, label.affine), str(tmp))
         labels = labels_from_report(rec.report())
         rows.append({"case_id": case_id, "patient_id": f"{prefix}-p{i:04d}", **labels})
     buf = io.StringIO()
@@ -102,7 +95,7 @@ def export_hospital_layout(generated: Path, out: Path, with_masks: bool, prefix:
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else (int(row[k]) if isinstance(row[k], bool) else row[k]))
                          for k in LABEL_COLUMNS})
-    _atomic_text(out / "labels.csv", buf.getvalue())
+    write_atomic(out / "labels.csv", buf.getvalue())
     return len(rows)
 
 
@@ -139,10 +132,10 @@ def build_site(run: Path, p: HospitalProfile, size: int, epsilon: float, delta: 
     n = export_hospital_layout(site_dir / "generated", site_dir / "data", p.has_masks, p.name)
     export_hospital_layout(held_dir / "generated", held_dir / "data", True, f"{p.name}-test")
     config = site_dir / "hospital.yaml"
-    _atomic_text(config, site_yaml(p.name, site_dir / "data", site_dir / "state", epsilon, delta,
+    write_atomic(config, site_yaml(p.name, site_dir / "data", site_dir / "state", epsilon, delta,
                                    max_grad_norm, backbone, p.has_masks))
     held_config = held_dir / "hospital.yaml"
-    _atomic_text(held_config, site_yaml(f"{p.name}-test", held_dir / "data", held_dir / "state", epsilon, delta,
+    write_atomic(held_config, site_yaml(f"{p.name}-test", held_dir / "data", held_dir / "state", epsilon, delta,
                                         max_grad_norm, backbone, True))
     return SiteFiles(p, config, held_config, n)
 

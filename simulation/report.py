@@ -5,7 +5,8 @@ import math
 from pathlib import Path
 
 from server.report import write_report as write_federation_report
-from server.run_state import RunDirectory, atomic_write_bytes
+from server.run_state import RunDirectory
+from synth.atomic import write_atomic
 
 
 def _fmt(v: float) -> str:
@@ -86,5 +87,5 @@ def write_simulation_report(run_dir: Path, *, config: dict, sites: list[dict], t
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", fed_body]
     path = run_dir / "report.md"
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    write_atomic(path, "\n".join(lines) + "\n")
     return path

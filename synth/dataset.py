@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from synth.atomic import write_atomic
 from synth.errors import SynthInputError
 from synth.vocabulary import LESION_TYPE_BY_NAME, LESION_TYPES, ORGAN_FOLDERS
 
@@ -96,9 +97,7 @@ def remove_partials(root: Path) -> int:
 def write_manifest(root: Path, rows: list[dict]) -> Path:
     root = Path(root)
     rows = sorted(rows, key=lambda r: (r.get("index") is None, r.get("index") or 0, r["path"]))
-    tmp = root / f".{MANIFEST}{PARTIAL}{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, root / MANIFEST)
+    write_atomic(root / MANIFEST, "".join(json.dumps(r) + "\n" for r in rows))
     return root / MANIFEST
 
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._atomic import append_durable
+from synth.atomic import append_durable
 
 try:
     import fcntl

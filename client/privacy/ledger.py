@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from ._atomic import write_durable
+from synth.atomic import PRIVATE_MODE, write_atomic
 
 try:  # POSIX advisory lock: two processes of one site never lose each other's rounds
     import fcntl
@@ -327,7 +327,7 @@ class PrivacyLedger:
                 "history": [list(h) for h in self.history], "entries": [asdict(e) for e in self.entries]}
 
     def _write(self) -> None:
-        write_durable(self.path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        write_atomic(self.path, json.dumps(self.to_json(), indent=1) + "\n", PRIVATE_MODE)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -1,17 +1,17 @@
 """Where provisioning material lives on disk, and how it is written.
 
-Writes are atomic (temp file in the same folder, then `os.replace`), private keys
-are created with mode 0600 from the first byte (`os.open(..., 0o600)`), and
+Writes go through `synth.atomic` (temp file in the same folder, created 0600 and
+given its final mode before the rename, so a private key is never readable by others), and
 nothing existing is replaced unless the caller says `force`.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from synth.atomic import write_atomic
 
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -87,34 +87,11 @@ def refuse_existing(paths: Iterable[Path], force: bool) -> None:
         )
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` with permission `mode`, atomically.
-
-    The temp file starts at 0600, so a private key is never readable by others, even
-    for an instant; the final `mode` is set before the rename publishes the file.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # mkstemp creates with os.open(..., O_CREAT | O_EXCL, 0o600); public files are
-    # widened below before they become visible under their real name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_atomic(path, data, PRIVATE_MODE)
 
 
 def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_atomic(path, data, PUBLIC_MODE)
