@@ -97,6 +97,12 @@ def write_report(run: RunDirectory, title: str = "Federated run") -> Path:
             eps_v = entry.get("train", {}).get("epsilon")
             if eps_v is not None:
                 lines.append(f"| {site} | epsilon spent | {eps_v:.3f} |")
+        noisy = [(r["round"], s) for r in records for s in r.get("noise_dominated", [])]
+        if noisy:
+            lines += ["", "## Sites whose privacy budget is spent", "",
+                      "Their updates were mostly noise (noise multiplier >= 10): give them a new model "
+                      "(a fresh budget) or leave them out.", ""]
+            lines += [f"- round {rnd}: **{site}**" for rnd, site in noisy]
         missing = sorted({f["site"] for r in records for f in r.get("failed", [])})
         if missing:
             lines += ["", "## Sites that failed or timed out", ""]

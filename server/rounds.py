@@ -17,9 +17,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from pasta_model.protocol import EPSILON, NOISE_MULTIPLIER
+
 log = logging.getLogger(__name__)
 
 SITE_RECORD = "site"        # ConfigRecord in every reply: {"name": <site>}
+# A site whose budget is (nearly) spent still replies: it plans the noise that fits what
+# is left, so its update is noise (sigma 40 was seen) and the run looks successful. From
+# this noise multiplier on, the coordinator is told. DP-SGD that learns uses ~0.5-3.
+NOISE_DOMINATED_SIGMA = 10.0
 
 
 class RoundFailed(RuntimeError):
@@ -127,6 +133,12 @@ def run_round(
     sites: dict[str, dict[str, Any]] = {}
     for m in ok:
         sites[book.name(m.metadata.src_node_id)] = {"node_id": m.metadata.src_node_id, "train": _metrics(m)}
+    noisy = noise_dominated(sites)
+    for site in noisy:
+        train = sites[site]["train"]
+        log.warning("round %d: site %s trained with noise multiplier %.1f (epsilon spent %.3f): its privacy "
+                    "budget is (nearly) spent, so its update is mostly noise; give it a new model or leave it out",
+                    rnd, site, train[NOISE_MULTIPLIER], train.get(EPSILON, float("nan")))
 
     eval_msgs = list(strategy.configure_evaluate(rnd, new_arrays, ConfigRecord(dict(evaluate_config)), grid))
     eval_ok, eval_failed = _exchange(grid, eval_msgs, timeout, book, f"round {rnd} evaluate")
@@ -141,6 +153,7 @@ def run_round(
         "failed": failures,
         "evaluate_failed": eval_failed,
         "num_sites": len(ok),
+        "noise_dominated": noisy,
         "aggregated": {
             "train": dict(agg_train) if agg_train is not None else {},
             "evaluate": dict(agg_eval) if agg_eval is not None else {},
@@ -150,3 +163,9 @@ def run_round(
     }
     log.info("round %d: %d site(s) aggregated (%s), %.1fs", rnd, len(ok), ", ".join(sorted(sites)), record["seconds"])
     return RoundOutcome(new_arrays, record)
+
+
+def noise_dominated(sites: dict[str, dict[str, Any]]) -> list[str]:
+    """Sites whose reported noise multiplier is at least NOISE_DOMINATED_SIGMA."""
+    return sorted(s for s, e in sites.items()
+                  if float(e.get("train", {}).get(NOISE_MULTIPLIER, 0.0)) >= NOISE_DOMINATED_SIGMA)

@@ -110,3 +110,20 @@ def test_site_failing_in_round_two_is_named_and_round_completes(federation, monk
     assert "h2" in failed and "disk failure" in failed["h2"]
     assert "h2" in (run / "report.md").read_text()
     assert (run / "final.ckpt").exists()
+
+
+def test_a_site_with_a_spent_budget_is_named_to_the_coordinator(tmp_path, caplog):
+    """Its update is noise (it plans the noise that fits the little budget left), yet it
+    replies and the run succeeds: the coordinator must be told, in the log and the report."""
+    pre = write_pretrained(tmp_path / "pretrained.ckpt")
+    sites = [write_hospital(tmp_path / "sites", "h0", 12, 10),
+             write_hospital(tmp_path / "sites", "h1", 12, 11, epsilon=0.2)]
+    with caplog.at_level("WARNING", logger="server.rounds"):
+        run = run_federated(_settings(tmp_path, pre, num_server_rounds=1), sites)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["sites"]["h1"]["train"]["noise-multiplier"] >= 10
+    assert record["sites"]["h0"]["train"]["noise-multiplier"] < 10
+    assert record["noise_dominated"] == ["h1"]
+    assert any("site h1" in r.getMessage() and "mostly noise" in r.getMessage() for r in caplog.records)
+    report = (run / "report.md").read_text()
+    assert "privacy budget is spent" in report and "**h1**" in report
