@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from synth.vocabulary import ATTRIBUTES
 
+from .features import validation_patients
 from .ingest import CaseLabels, IngestError, read_case, scan_site
 from .site_config import SiteConfig
 
@@ -104,6 +105,10 @@ def summarize(config: SiteConfig, checks: list[CaseCheck], scan) -> dict:
     }
     case_ids = {c.case_id for c in checks}
     patient_of = {source.case_id: source.patient_id for source in scan.cases}
+    # the agent holds out these patients per task (features.validation_patients); with
+    # fewer than min_cases_for_metrics of them it never releases evaluation metrics
+    val_per_task = {t: len(validation_patients([patient_of.get(c.case_id) or c.case_id for c in ok if t in c.tasks]))
+                    for t in TASKS}
     return {
         "site": config.site,
         "images": str(config.data.images),
@@ -114,6 +119,9 @@ def summarize(config: SiteConfig, checks: list[CaseCheck], scan) -> dict:
         "tasks_below_min_cases": [t for t, n in per_task.items()
                                   if 0 < n < config.min_cases_for_metrics],
         "min_cases_for_metrics": config.min_cases_for_metrics,
+        "validation_patients_per_task": val_per_task,
+        "tasks_without_evaluation_metrics": [t for t, n in per_task.items()
+                                             if n and val_per_task[t] < config.min_cases_for_metrics],
         "spacing_mm": {axis: _range(list(spacings[:, i])) for i, axis in enumerate("xyz")},
         "hu_range": [min(c.hu_min for c in ok), max(c.hu_max for c in ok)] if ok else None,
         "patients": len({patient_of.get(c.case_id, c.case_id) for c in ok}),
@@ -154,6 +162,11 @@ def format_report(report: CheckReport) -> str:
     if s["tasks_below_min_cases"]:
         lines.append(f"below {s['min_cases_for_metrics']} cases (no metrics will be sent): "
                      + ", ".join(s["tasks_below_min_cases"]))
+    if s["tasks_without_evaluation_metrics"]:
+        vals = s["validation_patients_per_task"]
+        lines.append(f"fewer than {s['min_cases_for_metrics']} validation patients (evaluation metrics are "
+                     "never released; training still runs): "
+                     + ", ".join(f"{t} ({vals[t]})" for t in s["tasks_without_evaluation_metrics"]))
     if s["hu_range"]:
         sp = s["spacing_mm"]
         lines.append("spacing mm: " + ", ".join(f"{a} {sp[a][0]:.3g}-{sp[a][1]:.3g}" for a in "xyz")

@@ -92,6 +92,9 @@ def test_check_json_gives_a_verdict_on_every_case_with_exact_hu(site, capsys):
     assert any("line 4" in e and "tumor_present" in e for e in summary["label_errors"])
     assert summary["spacing_mm"]["z"] == [2.0, 3.0]
     assert set(summary["tasks_below_min_cases"]) == set(summary["usable_per_task"])
+    # a fifth of each task's patients is held out: none here, so no metric is ever released
+    assert summary["validation_patients_per_task"] == {t: 0 for t in summary["usable_per_task"]}
+    assert set(summary["tasks_without_evaluation_metrics"]) == set(summary["usable_per_task"])
 
 
 def test_check_prints_a_readable_table(site, capsys):
@@ -99,6 +102,7 @@ def test_check_prints_a_readable_table(site, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:2] == ["CASE", "STATUS"]
     assert "liver_01" in out and "missing slice" in out and "usable per task" in out
+    assert "fewer than 5 validation patients (evaluation metrics are never released" in out
 
 
 def test_check_fails_only_when_no_case_is_usable(tmp_path, w, rng, capsys):
