@@ -23,6 +23,7 @@ from client.site_config import SiteConfig
 from pasta_model.finetune import PREPROCESS_VERSION, encode_region, encode_targets, preprocess_region, usable_for
 from pasta_model.imageio import metatensor_from_sitk
 from pasta_model.network import PastaNet
+from synth.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,8 @@ class FeatureCache:
             out["decoder"] = decoder.contiguous()
         if mcrop is not None:
             out["mask"] = mcrop.contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(out, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(out, str(tmp))
         return out
 
     def task_data(self, task: str) -> SiteTaskData:

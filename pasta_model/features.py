@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from synth.atomic import atomic_path
+
 from .network import BackboneFeatures, PastaNet
 from .transforms import centred_crop, plain
 
@@ -62,6 +64,5 @@ class FeatureCache:
 
     def put(self, case_id: str, feats: dict[str, torch.Tensor]) -> None:
         p = self.path(case_id)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))

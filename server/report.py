@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from server.run_state import RunDirectory
-from synth.atomic import write_atomic
+from synth.atomic import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,9 @@ def _save_plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
     return True
 
 

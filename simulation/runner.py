@@ -13,6 +13,7 @@ from server.run_state import atomic_write_json
 from server.settings import RunSettings
 from simulation.config import SimulationConfig, SimulationConfigError
 from simulation.hospitals import build_site, make_profiles, profile_table
+from synth.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ def ensure_pretrained(cfg: SimulationConfig) -> Path:
         return path
     from pasta_model.pretrain import RECIPE_VERSION, PretrainConfig, pretrain
     from synth.dataset import generate_dataset
-    key = f"{cfg.preset}-n{cfg.pretrain_cases}-v{cfg.volume_size}-m{cfg.pretrain_minutes:g}-s{cfg.seed}-r{RECIPE_VERSION}"
+    from synth.generate import GENERATOR_VERSION
+    # the generator's version too: a half-made cache of an older generator is refused by it
+    key = (f"{cfg.preset}-n{cfg.pretrain_cases}-v{cfg.volume_size}-m{cfg.pretrain_minutes:g}-s{cfg.seed}"
+           f"-r{RECIPE_VERSION}-g{GENERATOR_VERSION.rsplit('/', 1)[-1]}")
     home = cache_root() / f"pretrained-{key}"
     final = home / "pretrained.ckpt"
     if final.exists():
@@ -45,9 +49,8 @@ def ensure_pretrained(cfg: SimulationConfig) -> Path:
                      workers=max(1, min(2, os.cpu_count() or 1)))
     ckpt = pretrain(PretrainConfig(data=home / "data", out=home / "run", preset=cfg.preset,
                                    max_minutes=cfg.pretrain_minutes, seed=cfg.seed, epochs=1000))
-    tmp = final.with_name(".pretrained.ckpt.tmp")
-    shutil.copyfile(ckpt, tmp)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        shutil.copyfile(ckpt, tmp)
     return final
 
 
