@@ -130,6 +130,13 @@ def _crop(center, half_vox, shape) -> tuple[slice, slice, slice]:
                  for c, h, n in zip(center, half_vox, shape))
 
 
+def _box_half(r: float, spacing) -> list[int]:
+    """Half-size (voxels per axis) of the box a lesion of radius `r` mm is drawn in: its
+    irregular bulges, an ill-defined margin and partial volume fit inside."""
+    reach = r * 1.6 + 12.0 + 3 * max(spacing)
+    return [int(np.ceil(reach / s)) for s in spacing]
+
+
 def _offsets(sl, center, spacing):
     return tuple(((np.arange(s.start, s.stop) - c) * sp).astype(np.float32).reshape(
         [-1 if a == b else 1 for b in range(3)]) for a, (s, c, sp) in enumerate(zip(sl, center, spacing)))
@@ -334,8 +341,7 @@ def _place(ctx: _Context, model: TypeModel, intent: dict) -> Lesion | None:
         return None
     if wall:
         r = max(r, 1.3 * intent["thickness_mm"])
-    reach = r * 1.6 + 12.0 + 3 * max(sp)
-    half = [int(np.ceil(reach / s)) for s in sp]
+    half = _box_half(r, sp)
     tries = 4 if model.placement == "bone" else 1  # metastases favour thick bone
     best = None
     for _ in range(tries):
@@ -381,7 +387,7 @@ def _place(ctx: _Context, model: TypeModel, intent: dict) -> Lesion | None:
         r = min(r, max(dc - smin, 0.8 * smin))
     r = max(r, 1.05 * smin)  # at least the voxel and its six neighbours
     intent["diameter_mm"] = 2 * r
-    need = [int(np.ceil((r * 1.6 + 12.0 + 3 * max(sp)) / s)) for s in sp]
+    need = _box_half(r, sp)
     if any(n > h for n, h in zip(need, half)):
         # an invading lesion deep in its organ grew past the box planned for its drawn
         # size: drawn in that box, a 63 mm lung tumour came out as a cube
