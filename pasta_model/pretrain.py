@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from synth.atomic import atomic_path, write_atomic
+from synth.typed_config import typed_fields
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import build_datasets, prepare_cases, region_plan, split_cases
@@ -79,16 +79,12 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "PretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(raw) - names)
-        if bad:
-            raise ValueError(f"pretrain config: unknown key(s) {bad}; valid: {sorted(names)}")
-        return cls(**raw)
+        return cls(**typed_fields(cls, raw, "pretrain config"))
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> "PretrainConfig":
         import yaml
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         raw = raw.get("pretrain", raw)
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(raw)

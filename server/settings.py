@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from synth.typed_config import typed_fields
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 TASKS = ("segment", "detect", "report", "stage", "survival")
 
@@ -44,13 +46,8 @@ class RunSettings:
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":
-        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.name != "extra"}
-        values: dict[str, Any] = {}
-        for key, raw in config.items():
-            if key not in known:
-                raise SettingsError(f"run config: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-            f = known[key]
-            values[f.name] = _coerce(key, raw, f.type)
+        values = typed_fields(cls, config, "run config", SettingsError, key_of=lambda n: n.replace("_", "-"),
+                              exclude=("extra",))
         settings = cls(**values)
         settings.validate()
         return settings
@@ -79,28 +76,3 @@ class RunSettings:
     def to_dict(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
 
-
-def _coerce(key: str, raw: Any, type_name: Any) -> Any:
-    type_name = type_name if isinstance(type_name, str) else type_name.__name__
-    try:
-        if type_name == "bool":
-            if isinstance(raw, bool):
-                return raw
-            if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return raw.lower() in ("true", "1", "yes")
-            if isinstance(raw, int) and raw in (0, 1):
-                return bool(raw)
-            raise ValueError
-        if type_name == "int":
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(raw)
-        if type_name == "float":
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if type_name == "str":
-            return str(raw)
-    except (TypeError, ValueError):
-        pass
-    raise SettingsError(f"run config: {key} must be a {type_name}, got {raw!r}")

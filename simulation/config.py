@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from synth.typed_config import typed_fields
+
 COMPARISONS = ("local", "pooled", "pooled_no_dp", "pooled_scratch")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "simulation.yaml"
 
@@ -56,20 +58,13 @@ class SimulationConfig:
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], source: str = "config") -> "SimulationConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise SimulationConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-        try:
-            return cls(**raw)
-        except TypeError as exc:
-            raise SimulationConfigError(f"{source}: {exc}") from None
+        return cls(**typed_fields(cls, raw, source, SimulationConfigError))
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "SimulationConfig":
         path = Path(path) if path else DEFAULT_CONFIG
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise SimulationConfigError(f"{path}: cannot read ({exc})") from None
         raw = raw.get("simulation", raw)
