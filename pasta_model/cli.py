@@ -41,7 +41,7 @@ def _predict(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2
-    print((Path(args.out) / "report.txt").read_text(), end="")
+    print((Path(args.out) / "report.txt").read_text(encoding="utf-8"), end="")
     print(f"mask: {report['mask']}")
     return 0
 

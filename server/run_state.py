@@ -58,7 +58,7 @@ class RunDirectory:
     def start(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Create the run (new run id), or return the stored run when resuming."""
         if self.exists():
-            return json.loads(self.run_json.read_text())
+            return json.loads(self.run_json.read_text(encoding="utf-8"))
         info = {"run_id": uuid.uuid4().hex[:12], "settings": settings}
         atomic_write_json(self.run_json, info)
         return info
@@ -87,14 +87,14 @@ class RunDirectory:
 
     def load_round(self, rnd: int) -> CompletedRound:
         weights, meta = self.round_paths(rnd)
-        return CompletedRound(rnd, load_file(str(weights)), json.loads(meta.read_text()))
+        return CompletedRound(rnd, load_file(str(weights)), json.loads(meta.read_text(encoding="utf-8")))
 
     def last_complete(self) -> CompletedRound | None:
         rounds = self.completed_rounds()
         return self.load_round(rounds[-1]) if rounds else None
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(self.round_paths(r)[1].read_text()) for r in self.completed_rounds()]
+        return [json.loads(self.round_paths(r)[1].read_text(encoding="utf-8")) for r in self.completed_rounds()]
 
     def rebuild_metrics(self) -> Path:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records())

@@ -59,7 +59,7 @@ def write_simulation_report(run_dir: Path, *, config: dict, sites: list[dict], t
                             metric: str, timings: dict[str, float], small_sites: list[str]) -> Path:
     run = RunDirectory(run_dir)
     fed_report = write_federation_report(run, title="Federated rounds")   # writes plots/ too
-    fed_body = fed_report.read_text().split("\n", 1)[1]
+    fed_body = fed_report.read_text(encoding="utf-8").split("\n", 1)[1]
     plots = run_dir / "plots"
     _bar_plot(plots / "comparisons.png", table, metric)
     lines = ["# PASTA-Fed simulation report", "",

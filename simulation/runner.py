@@ -61,7 +61,7 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     if resume:
         if not stored.exists():
             raise SimulationConfigError(f"--resume {out}: no simulation.json there (not a simulation run)")
-        cfg = SimulationConfig.from_mapping(json.loads(stored.read_text())["config"], str(stored))
+        cfg = SimulationConfig.from_mapping(json.loads(stored.read_text(encoding="utf-8"))["config"], str(stored))
         log.info("resuming the simulation in %s with its stored settings", out)
     elif stored.exists():
         raise SimulationConfigError(f"{out} already holds a simulation; use --resume {out} or another --out")

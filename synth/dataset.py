@@ -76,7 +76,7 @@ def is_complete(path: Path) -> bool:
     if not all((path / f).is_file() for f in CASE_FILES):
         return False
     try:
-        json.loads((path / "type.json").read_text())
+        json.loads((path / "type.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return True
@@ -106,7 +106,7 @@ def check_run_settings(root: Path, settings: dict) -> None:
     path = Path(root) / RUN_FILE
     if path.exists():
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             old = None
         if old != settings:
@@ -186,7 +186,7 @@ class CaseRecord:
 
     def report(self) -> dict:
         try:
-            return json.loads((self.path / "type.json").read_text())
+            return json.loads((self.path / "type.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
 
@@ -208,7 +208,7 @@ def read_dataset(root: str | Path) -> list[CaseRecord]:
     out = []
     man = root / MANIFEST
     if man.exists():
-        for line in man.read_text().splitlines():
+        for line in man.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             row = json.loads(line)

@@ -109,7 +109,7 @@ def generate_dataset(out: str | Path, n: int, cfg: GenConfig | None = None, *, w
     for i in range(n):
         d = case_dir(out, cfg.lesion_type(i), f"{i:06d}")
         if is_complete(d):
-            rows[i] = manifest_row(json.loads((d / "type.json").read_text()), d.relative_to(out).as_posix())
+            rows[i] = manifest_row(json.loads((d / "type.json").read_text(encoding="utf-8")), d.relative_to(out).as_posix())
         else:
             todo.append(i)
     bar = tqdm(total=n, initial=n - len(todo), desc="synth", unit="case", disable=not progress,

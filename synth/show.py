@@ -33,7 +33,7 @@ def show_case(case_dir: str | Path, png: str | Path, lesion: int | None = None) 
     lab = ro.forward(np.asarray(nib.load(str(d / "label.nii.gz")).dataobj).astype(np.uint8))
     rep = {}
     if (d / "type.json").is_file():
-        rep = json.loads((d / "type.json").read_text())
+        rep = json.loads((d / "type.json").read_text(encoding="utf-8"))
     les = lab == 2
     comp, n = ndi.label(les, structure=np.ones((3, 3, 3)))
     if n == 0:

@@ -86,7 +86,7 @@ def load_label_map(spec: str | None) -> dict[int, str]:
         return dict(TOTALSEG_V2)
     path = Path(spec)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
         mapping = {int(k): str(v) for k, v in raw.items()}
     except FileNotFoundError:
         raise SynthInputError(f"--label-map {spec}: no such file") from None

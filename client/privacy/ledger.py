@@ -188,7 +188,7 @@ class PrivacyLedger:
     def load(cls, path: str | os.PathLike) -> "PrivacyLedger":
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise LedgerError(f"{path}: cannot read privacy ledger: {exc}") from exc
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:

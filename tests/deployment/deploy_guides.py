@@ -39,7 +39,7 @@ EXERCISED: dict[tuple[str, ...], str] = {
 def commands(doc: Path) -> list[list[str]]:
     """Every command line in the document's ```bash blocks (comments and blank lines skipped)."""
     out, in_bash = [], False
-    for line in doc.read_text().splitlines():
+    for line in doc.read_text(encoding="utf-8").splitlines():
         stripped = line.strip()
         if stripped.startswith("```"):
             in_bash = stripped == "```bash"

@@ -26,7 +26,7 @@ RUN_TIMEOUT = 480            # seconds for a whole 2-round run
 
 
 def _rounds(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def _ledger(cluster: Cluster, config: Path, as_json: bool = True) -> dict | str:
@@ -180,7 +180,7 @@ def test_killed_supernode_is_named_and_run_finishes(cluster_factory, pretrained,
     # (1), so that reply is booked as "node-1" and gamma also as "no reply". Tolerated here
     # until rounds._exchange maps replies by reply_to_message_id; nothing else may fail.
     assert failed <= {"gamma", "node-1"}, second["failed"]
-    report = (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
     assert "## Sites that failed or timed out" in report
     assert "round 2: **gamma**" in report
 
@@ -200,7 +200,7 @@ def test_coordinator_crash_resumes_from_last_round(cluster_factory, pretrained, 
     def round2_started() -> bool:   # some hospital has charged round 2 in its ledger
         for config in configs.values():
             for path in (_state_dir(config) / "privacy").glob("ledger-*.json"):
-                if any(e["round"] == 2 for e in json.loads(path.read_text())["entries"]):
+                if any(e["round"] == 2 for e in json.loads(path.read_text(encoding="utf-8"))["entries"]):
                     return True
         return False
 
@@ -219,7 +219,7 @@ def test_coordinator_crash_resumes_from_last_round(cluster_factory, pretrained, 
     assert [r["round"] for r in _rounds(run_dir)] == [1, 2]
     assert round1.read_bytes() == before                  # round 1 was not run again
     assert (run_dir / "final.ckpt").is_file()
-    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    run_id = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["run_id"]
     replays = 0
     for name, config in configs.items():
         ledger = _ledger(cluster, config)

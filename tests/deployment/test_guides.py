@@ -58,14 +58,14 @@ def test_install_target_exists():
         pytest.skip("make not installed")
     res = subprocess.run(["make", "-n", "venv"], cwd=guide.DOCS.parent, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert re.search(r"^venv:", (guide.DOCS.parent / "Makefile").read_text(), re.M)
+    assert re.search(r"^venv:", (guide.DOCS.parent / "Makefile").read_text(encoding="utf-8"), re.M)
 
 
 def test_guides_link_each_other_and_provisioning():
-    coordinator = guide.COORDINATOR.read_text()
-    hospital = guide.HOSPITAL.read_text()
+    coordinator = guide.COORDINATOR.read_text(encoding="utf-8")
+    hospital = guide.HOSPITAL.read_text(encoding="utf-8")
     assert "(provisioning.md)" in coordinator and "(hospital-guide.md)" in coordinator
     assert "(coordinator-guide.md)" in hospital and "(hospital-data.md)" in hospital
     for doc in (guide.COORDINATOR, guide.HOSPITAL):
-        for target in re.findall(r"\]\(([\w.-]+\.md)\)", doc.read_text()):
+        for target in re.findall(r"\]\(([\w.-]+\.md)\)", doc.read_text(encoding="utf-8")):
             assert (guide.DOCS / target).exists(), f"{doc.name} links to missing {target}"
