@@ -62,7 +62,7 @@ def main() -> int:
         recipe = PretrainConfig(data=data, out=tmp)          # pretrain's default crops and augmentation
         cases = prepare_cases(read_dataset(data), preset,
                               region_plan(preset, recipe.jitter, recipe.negatives, 0), cache_dir=None)
-    datasets = build_datasets(cases, preset, augment=recipe.augment, seed=0)
+    datasets = build_datasets(cases, preset, augment=recipe.augment, seed=0, jitter=recipe.jitter > 0)
 
     model = build_model(preset).to(device).to(memory_format=torch.channels_last_3d)   # as pretrain
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)

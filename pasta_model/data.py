@@ -194,13 +194,18 @@ def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int) -> tupl
     return train, val
 
 
-def augmentations(size: int, seed: int, augment: bool) -> Compose:
-    """Random crop (jitter), flips and intensity jitter after the cache; centre crop when not augmenting."""
+def augmentations(size: int, seed: int, augment: bool, jitter: bool = False) -> Compose:
+    """After the cache: a random crop within the region's jitter margin (`jitter`, else the
+    centre crop), then flips and intensity changes (`augment`)."""
     keys = ["image", "seg"]
+    crop = RandSpatialCropd(keys=keys, roi_size=size, random_size=False) if jitter \
+        else CenterSpatialCropd(keys=keys, roi_size=size)
     if not augment:
-        return Compose([CenterSpatialCropd(keys=keys, roi_size=size)])
+        t = Compose([crop])
+        t.set_random_state(seed=seed)
+        return t
     t = Compose([
-        RandSpatialCropd(keys=keys, roi_size=size, random_size=False),
+        crop,
         RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
@@ -219,9 +224,9 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, cases: list[dict], entries: list[tuple[int, str, int]], size: int,
-                 augment: bool, seed: int = 0):
+                 augment: bool, seed: int = 0, jitter: bool = False):
         self.cases, self.entries, self.size = cases, entries, size
-        self.transform = augmentations(size, seed, augment)
+        self.transform = augmentations(size, seed, augment, jitter)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -242,15 +247,18 @@ class CropDataset(Dataset):
                 "detect": torch.tensor(targets["detect"], dtype=torch.float32)}
 
 
-def build_datasets(cases: list[dict], preset: Preset, augment: bool, seed: int = 0) -> list[CropDataset]:
-    """One dataset when lesion and detect crops share a size, else [lesion crops, detect crops]."""
+def build_datasets(cases: list[dict], preset: Preset, augment: bool, seed: int = 0,
+                   jitter: bool = False) -> list[CropDataset]:
+    """One dataset when lesion and detect crops share a size, else [lesion crops, detect crops].
+
+    `jitter`: random crops within the regions' jitter margin (training); else centred."""
     lesion = [(i, "lesion", 0) for i in range(len(cases))]
     negs = [(i, "neg", j) for i, c in enumerate(cases) for j in range(len(c["neg_image"]))]
     if preset.crop_size == preset.detect_crop_size:
-        return [CropDataset(cases, lesion + negs, preset.crop_size, augment, seed)]
+        return [CropDataset(cases, lesion + negs, preset.crop_size, augment, seed, jitter)]
     pos = [(i, "pos", 0) for i in range(len(cases))]
-    return [CropDataset(cases, lesion, preset.crop_size, augment, seed),
-            CropDataset(cases, pos + negs, preset.detect_crop_size, augment, seed + 1)]
+    return [CropDataset(cases, lesion, preset.crop_size, augment, seed, jitter),
+            CropDataset(cases, pos + negs, preset.detect_crop_size, augment, seed + 1, jitter)]
 
 
 def region_plan(preset: Preset, jitter: int, negatives: int, seed: int) -> RegionPlan:

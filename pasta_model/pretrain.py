@@ -56,7 +56,7 @@ class PretrainConfig:
     lr: float = 1e-3                       # 3e-3 overfits 16 crops 2x slower (noisy Dice); see docs/model.md
     weight_decay: float = 1e-5
     jitter: int = 0                        # random crop shift (voxels) around the lesion
-    augment: bool = False                  # random crop within the jitter, flips, intensity scale/shift
+    augment: bool = False                  # flips, intensity scale/shift
     negatives: int = 1                     # lesion-free crops per case (detect negatives)
     loss_weights: dict = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
     workers: int = 2                       # threads preparing cases
@@ -248,7 +248,7 @@ def pretrain(config: PretrainConfig) -> Path:
     val_cases = [c for c in cases if c["case_id"] in val_set]
     if not train_cases:
         raise ValueError(f"{cfg.data}: no usable training cases")
-    train_ds = build_datasets(train_cases, preset, augment=cfg.augment, seed=cfg.seed)
+    train_ds = build_datasets(train_cases, preset, augment=cfg.augment, seed=cfg.seed, jitter=cfg.jitter > 0)
     val_ds = build_datasets(val_cases, preset, augment=False) if val_cases else []
     precision = resolve_precision(cfg.precision, device)
     log.info("%d train / %d val cases, %s train crops, device %s (%s), prepared in %.1fs",

@@ -68,8 +68,8 @@ def test_prepared_regions_centre_the_lesion_and_negatives_are_lesion_free(datase
 def test_crops_are_seeded_and_keep_the_lesion_in_view(dataset):
     _, records = dataset
     cases = prepare_cases(records, TINY, region_plan(TINY, 4, 1, 0))
-    a = build_datasets(cases, TINY, augment=True, seed=3)[0]
-    b = build_datasets(cases, TINY, augment=True, seed=3)[0]
+    a = build_datasets(cases, TINY, augment=True, seed=3, jitter=True)[0]
+    b = build_datasets(cases, TINY, augment=True, seed=3, jitter=True)[0]
     for i in range(len(cases)):                             # lesion entries come first
         sa, sb = a[i], b[i]
         assert sa["image"].shape == (1, 48, 48, 48)
@@ -77,6 +77,18 @@ def test_crops_are_seeded_and_keep_the_lesion_in_view(dataset):
     neg = [a[i] for i in range(len(cases), len(a))]
     assert all(s["detect"].sum() == 0 and s["seg"].sum() == 0 for s in neg)
     assert all(s["report"]["shape"] == IGNORE_INDEX for s in neg)
+
+
+def test_jitter_shifts_crops_without_other_augmentation(dataset):
+    """`jitter` alone moves the crop inside the region's margin; without it crops are centred."""
+    _, records = dataset
+    cases = prepare_cases(records, TINY, region_plan(TINY, 4, 0, 0))
+    centred = build_datasets(cases, TINY, augment=False)[0]
+    shifted = build_datasets(cases, TINY, augment=False, seed=1, jitter=True)[0]
+    for i in range(len(cases)):
+        middle = cases[i]["lesion_image"][:, 4:52, 4:52, 4:52].float()
+        assert torch.equal(centred[i]["image"], middle)
+    assert any(not torch.equal(shifted[i]["image"], centred[i]["image"]) for i in range(len(cases)))
 
 
 def test_persistent_cache_serves_a_second_run_without_the_volumes(dataset, tmp_path):
