@@ -32,15 +32,16 @@ from pasta_model.metrics import dice  # noqa: E402
 from pasta_model.network import build_model  # noqa: E402
 from pasta_model.presets import get_preset  # noqa: E402
 from pasta_model.pretrain import autocast, channels_last, resolve_precision, select_device  # noqa: E402
+from pasta_model.transforms import centred_crop, plain  # noqa: E402
 from synth.dataset import read_dataset  # noqa: E402
 
 HU_PER_UNIT = 400 / 0.7      # the PASTA map's soft-tissue band: -200..200 HU -> 0.2..0.9
 
 
 def crop(image: torch.Tensor, mask: torch.Tensor, size: int, shift: np.ndarray):
-    start = [(n - size) // 2 + int(s) for n, s in zip(image.shape[1:], shift)]
-    sl = (slice(None), *(slice(a, a + size) for a in start))
-    return image[sl], mask[sl]
+    """The `size` crop whose centre is `shift` voxels off the region's (lesion-centred) centre."""
+    center = [n // 2 + int(s) for n, s in zip(image.shape[1:], shift)]
+    return plain(centred_crop(image, center, size)), plain(centred_crop(mask, center, size))
 
 
 def score(model, cases, size: int, jitter: int, device, precision: str) -> float:
