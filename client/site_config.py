@@ -2,7 +2,9 @@
 
 Everything the agent may read or write at a site comes from this file (never from the
 coordinator), so it is checked strictly: unknown keys, wrong types and out-of-range
-values are errors that name the file and the key path.
+values are errors that name the file and the key path. So are settings that would void
+the privacy guarantee or fail a round after its privacy was charged: a CUDA device this
+host lacks, an absurd delta, labels that cannot tell two scans of one patient apart.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ __all__ = ["SiteConfig", "DataConfig", "PrivacyConfig", "SiteConfigError", "load
 
 _SITE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+MAX_DELTA = 1e-2   # above this no site is protected (and 1/patients is still reachable below it)
 
 
 class SiteConfigError(ValueError):
@@ -29,6 +32,7 @@ class DataConfig:
     images: Path                 # folder of DICOM series (any depth) and/or NIfTI files
     labels: Path | None = None   # CSV of patient-level labels (docs/hospital-data.md)
     masks: Path | None = None    # folder of lesion masks, <case_id>.nii[.gz]
+    one_scan_per_patient: bool = False   # no patient id needed: every scan is a different patient
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,20 @@ def _probability(value: Any) -> float:
     return number
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"must be true or false, got {value!r}")
+    return value
+
+
+def _delta(value: Any) -> float:
+    number = _probability(value)
+    if number > MAX_DELTA:
+        raise _Bad(f"must be at most {MAX_DELTA:g}, got {value!r}: a delta this large lets a patient's data "
+                   f"leak outright with that probability (use at most 1 / number of patients, e.g. 1e-5)")
+    return number
+
+
 def _site_name(value: Any) -> str:
     name = _string(value)
     if not _SITE_RE.match(name):
@@ -117,7 +135,22 @@ def _device(value: Any) -> str:
     name = _string(value)
     if not _DEVICE_RE.match(name):
         raise _Bad(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if name.startswith("cuda"):
+        _check_cuda(name)
     return name
+
+
+def _check_cuda(name: str) -> None:
+    """A CUDA device this host lacks would fail the round after its privacy is charged."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise _Bad(f"{name} requested, but this host has no usable CUDA device "
+                   f"(torch.cuda.is_available() is False); use cpu or auto")
+    count = torch.cuda.device_count()
+    index = int(name.partition(":")[2] or 0)
+    if index >= count:
+        raise _Bad(f"{name} requested, but this host has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
 
 
 def _min_cases(value: Any) -> int:
@@ -161,6 +194,24 @@ class _Reader:
                 raise self.fail(f"{prefix}{key}", f"unknown key (allowed: {allowed})")
 
 
+def _check_patient_ids(r: _Reader, data: DataConfig) -> None:
+    """DP counts patients: labels without patient_id would count each scan as a patient."""
+    if data.labels is None or data.one_scan_per_patient:
+        return
+    from client.ingest.labels import label_columns
+    from client.ingest.types import IngestError
+
+    try:
+        columns = label_columns(data.labels)
+    except IngestError as err:
+        raise r.fail("data.labels", str(err)) from None
+    if "patient_id" not in columns:
+        raise r.fail("data.labels", f"{data.labels} has no patient_id column, so two scans of one patient "
+                                    f"would count as two patients and the privacy guarantee would not hold "
+                                    f"for that patient; add a patient_id column, or set "
+                                    f"data.one_scan_per_patient: true if every scan is a different patient")
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate a site YAML. Relative paths resolve against the YAML's folder."""
     file = Path(path).expanduser().resolve()
@@ -177,11 +228,13 @@ def load_site_config(path: str | Path) -> SiteConfig:
                            "min_cases_for_metrics"})
 
     data_raw = r.take(raw, "", "data", _mapping)
-    r.no_unknown(data_raw, "data.", {"images", "labels", "masks"})
+    r.no_unknown(data_raw, "data.", {"images", "labels", "masks", "one_scan_per_patient"})
     data = DataConfig(
         images=r.path(data_raw, "data.", "images"),
         labels=r.path(data_raw, "data.", "labels", required=False),
         masks=r.path(data_raw, "data.", "masks", required=False),
+        one_scan_per_patient=r.take(data_raw, "data.", "one_scan_per_patient", _boolean,
+                                    required=False, default=False),
     )
     if not data.images.is_dir():
         raise r.fail("data.images", f"folder not found: {data.images}")
@@ -189,12 +242,13 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise r.fail("data.labels", f"file not found: {data.labels}")
     if data.masks is not None and not data.masks.is_dir():
         raise r.fail("data.masks", f"folder not found: {data.masks}")
+    _check_patient_ids(r, data)
 
     privacy_raw = r.take(raw, "", "privacy", _mapping)
     r.no_unknown(privacy_raw, "privacy.", {"max_epsilon", "delta", "max_grad_norm"})
     privacy = PrivacyConfig(
         max_epsilon=r.take(privacy_raw, "privacy.", "max_epsilon", _positive),
-        delta=r.take(privacy_raw, "privacy.", "delta", _probability),
+        delta=r.take(privacy_raw, "privacy.", "delta", _delta),
         max_grad_norm=r.take(privacy_raw, "privacy.", "max_grad_norm", _positive),
     )
 

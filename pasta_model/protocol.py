@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import MISSING, dataclass, fields
+from enum import IntEnum
 from typing import Any, Mapping
 
 import numpy as np
@@ -28,12 +29,55 @@ STEPS = "steps"
 SAMPLE_RATE = "sample-rate"
 REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, STEPS, SAMPLE_RATE)
 
+HEAD_DTYPE = np.dtype(np.float32)   # every head weight on the wire, both ways
+MAX_HEAD_WEIGHT = 1.0e4             # |w| above this is no trained head: refused before any training
+MAX_PROXIMAL_MU = 100.0
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ProtocolError(ValueError):
     """A round message that breaks the protocol; the message names the offending key."""
+
+
+# -- error replies ----------------------------------------------------------------------
+class ErrorCode(IntEnum):
+    """The only thing a site says about a failure: a code and its fixed message.
+
+    The full reason (which may name files, counts or settings of the site) stays in the
+    site's own log and audit log; the coordinator learns which kind of failure, no more.
+    """
+    INVALID_MESSAGE = 4100      # round config, head weights or query the site cannot accept
+    PRIVACY_BUDGET = 4101       # the round does not fit in the site's privacy budget
+    TOO_FEW_CASES = 4102        # too few cases to train or to release metrics
+    BACKBONE = 4103             # backbone unavailable here, or the one sent is not accepted
+    OUTBOX_REFUSED = 4104       # the reply would carry something the outbox does not allow
+    SITE_POLICY = 4105          # refused by the site's own policy
+    SITE_STATE = 4106           # the site's ledger and audit log disagree: its operator must look
+    INTERNAL = 5000             # an unexpected error at the site
+    SITE_CONFIG = 5001          # the site's own configuration cannot be used
+
+
+ERROR_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_MESSAGE: "invalid round message",
+    ErrorCode.PRIVACY_BUDGET: "privacy budget of the site does not allow this round",
+    ErrorCode.TOO_FEW_CASES: "too few cases at the site for this task",
+    ErrorCode.BACKBONE: "backbone unavailable or not accepted by the site",
+    ErrorCode.OUTBOX_REFUSED: "reply refused by the site's outbox",
+    ErrorCode.SITE_POLICY: "refused by site policy",
+    ErrorCode.SITE_STATE: "site state needs its operator's attention",
+    ErrorCode.INTERNAL: "internal error at the site",
+    ErrorCode.SITE_CONFIG: "site agent is not configured",
+}
+
+
+def error_message(code: int) -> str:
+    """The fixed text that leaves with `code` (unknown codes read as an internal error)."""
+    try:
+        return ERROR_MESSAGES[ErrorCode(code)]
+    except ValueError:
+        return ERROR_MESSAGES[ErrorCode.INTERNAL]
 
 
 def _looks_like_path(value: str) -> bool:
@@ -126,7 +170,11 @@ def _validate(c: RoundConfig) -> None:
     check(c.server_round <= c.planned_rounds, "server-round", "must not exceed planned-rounds")
     check(_RUN_ID.fullmatch(c.run_id) is not None and not _looks_like_path(c.run_id),
           "run-id", "must be 1-64 characters of [A-Za-z0-9_.-], not starting with '.'")
-    check(c.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+    check(0 <= c.proximal_mu <= MAX_PROXIMAL_MU, "proximal-mu", f"must be in [0, {MAX_PROXIMAL_MU:g}]")
+    # each proximal step is w -= lr*mu*(w - w_global): with lr*mu <= 1 it moves w towards
+    # the global weights, above that it overshoots and can blow up after the budget is spent
+    check(c.learning_rate * c.proximal_mu <= 1, "proximal-mu",
+          f"times learning-rate ({c.learning_rate:g}) must be <= 1")
 
 
 # -- head weights on the wire ------------------------------------------------------------
@@ -143,14 +191,65 @@ def heads_to_arrays(model_or_state_dict: nn.Module | Mapping[str, Tensor], task:
     return {k: sd[k].detach().cpu().numpy().copy() for k in keys}
 
 
-def arrays_to_heads(model: nn.Module, arrays: Mapping[str, np.ndarray | Tensor], task: str) -> None:
-    """Load received head weights; refuses any key outside heads.<task>. and any shape change."""
-    prefix = f"{HEADS_PREFIX}{task}."
+def _dtype_name(dtype_or_value: Any) -> str:
+    """'float32', 'int64', ...; a non-native byte order keeps its marker ('>f4')."""
+    if isinstance(dtype_or_value, Tensor):
+        dtype_or_value = dtype_or_value.dtype
+    if isinstance(dtype_or_value, torch.dtype):
+        return str(dtype_or_value).removeprefix("torch.")
+    if isinstance(dtype_or_value, (np.dtype, type, str)):
+        dtype = np.dtype(dtype_or_value)
+    else:
+        dtype = np.asarray(dtype_or_value).dtype
+    return dtype.name if dtype.isnative else dtype.str
+
+
+def check_array_dtypes(arrays: Mapping[str, Any], expected: Any) -> None:
+    """Refuse any array whose dtype is not exactly `expected` (one dtype, or one per key).
+
+    Received weights are never cast: an int64, bool, complex or float64 tensor where the
+    model holds float32 is a malformed (or hostile) message, not something to repair.
+    """
+    for key, value in arrays.items():
+        want = expected[key] if isinstance(expected, Mapping) else expected
+        got = _dtype_name(value)
+        if got != _dtype_name(want):
+            raise ProtocolError(f"array {key!r} has dtype {got}, expected {_dtype_name(want)}")
+
+
+def _check_values(key: str, values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise ProtocolError(f"head key {key!r} contains NaN or infinity")
+    largest = float(np.abs(values).max()) if values.size else 0.0
+    if largest > MAX_HEAD_WEIGHT:
+        raise ProtocolError(f"head key {key!r} has a weight of magnitude {largest:.3g}, "
+                            f"more than {MAX_HEAD_WEIGHT:g}")
+
+
+def _check_task_keys(arrays: Mapping[str, Any], task: str) -> None:
     if task not in TASKS:
         raise ProtocolError(f"unknown task {task!r}")
+    prefix = f"{HEADS_PREFIX}{task}."
     outside = sorted(k for k in arrays if not k.startswith(prefix))
     if outside:
         raise ProtocolError(f"refusing key(s) outside {prefix}*: {outside[:5]}")
+
+
+def check_incoming_heads(arrays: Mapping[str, np.ndarray | Tensor], task: str) -> None:
+    """What can be checked without the model: keys under heads.<task>., float32, finite, bounded.
+
+    Run before any work on a round, so a message the site will refuse costs it nothing.
+    """
+    _check_task_keys(arrays, task)
+    check_array_dtypes(arrays, HEAD_DTYPE)
+    for key, value in arrays.items():
+        _check_values(key, value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value))
+
+
+def arrays_to_heads(model: nn.Module, arrays: Mapping[str, np.ndarray | Tensor], task: str) -> None:
+    """Load received head weights; refuses any key outside heads.<task>., any shape or dtype
+    change, and non-finite or absurdly large values (nothing is loaded then)."""
+    _check_task_keys(arrays, task)
     own = model.state_dict()
     expected = set(head_keys(own, task))
     unknown = sorted(set(arrays) - expected)
@@ -159,14 +258,14 @@ def arrays_to_heads(model: nn.Module, arrays: Mapping[str, np.ndarray | Tensor],
     missing = sorted(expected - set(arrays))
     if missing:
         raise ProtocolError(f"missing head key(s) for task {task!r}: {missing[:5]}")
+    check_array_dtypes(arrays, {k: own[k].dtype for k in arrays})
     new: dict[str, Tensor] = {}
     for key, value in arrays.items():
         t = value.detach().cpu() if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value).copy())
         if tuple(t.shape) != tuple(own[key].shape):
             raise ProtocolError(f"head key {key!r} has shape {tuple(t.shape)}, expected {tuple(own[key].shape)}")
-        if not torch.isfinite(t).all():
-            raise ProtocolError(f"head key {key!r} contains NaN or infinity")
-        new[key] = t.to(own[key].dtype)
+        _check_values(key, t.numpy())
+        new[key] = t
     with torch.no_grad():
         for key, t in new.items():
             own[key].copy_(t)

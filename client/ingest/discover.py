@@ -6,6 +6,10 @@ case_id rules (docs/hospital-data.md):
   SeriesInstanceUID; otherwise `<PatientID>_<first 8 hex of SHA-256(SeriesInstanceUID)>`
   (PatientID reduced to [A-Za-z0-9_.-], "anon" when empty). Stable across runs and
   machines, and independent of file names and folder layout.
+
+patient_id (one DP sample is one patient): the labels CSV's `patient_id`, else the DICOM
+PatientID. A case with neither is an error, unless the site YAML says every scan is a
+different patient (`data.one_scan_per_patient`); its patient id is then its case_id.
 """
 from __future__ import annotations
 
@@ -33,6 +37,15 @@ class SiteScan:
     labels: dict[str, CaseLabels] = field(default_factory=dict)
     label_errors: list[str] = field(default_factory=list)
     masks_without_case: list[str] = field(default_factory=list)
+
+
+_NO_PATIENT_FIX = ("; DP counts patients, so scans of one patient under different ids would each count as "
+                   "a patient: add the case's patient_id to the labels CSV, or set "
+                   "data.one_scan_per_patient: true if every scan is a different patient")
+_NO_PATIENT = {
+    "nifti": "no patient id (a NIfTI file has none, and no labels row gives one)" + _NO_PATIENT_FIX,
+    "dicom": "no patient id (empty DICOM PatientID, and no labels row gives one)" + _NO_PATIENT_FIX,
+}
 
 
 def default_case_id(patient_id: str, series_uid: str) -> str:
@@ -136,7 +149,7 @@ def scan_site(config) -> SiteScan:
             continue
         candidates.append(CaseSource(
             case_id=case_id, kind="dicom", files=tuple(s.path for s in ordered), source=source,
-            patient_id=patient or case_id, series_uid=uid))
+            patient_id=patient if patient.strip() else "", series_uid=uid))
 
     for path in nifti_files:
         case_id = nifti.nifti_stem(path)
@@ -146,7 +159,7 @@ def scan_site(config) -> SiteScan:
             candidates.append(Rejected(case_id, "error", str(err), _relative(path, root)))
             continue
         candidates.append(CaseSource(case_id=case_id, kind="nifti", files=(path,),
-                                     source=_relative(path, root), patient_id=case_id))
+                                     source=_relative(path, root), patient_id=""))
 
     masks = _find_masks(config.data.masks)
     seen: dict[str, str] = {}
@@ -161,6 +174,11 @@ def scan_site(config) -> SiteScan:
         seen[item.case_id] = item.source
         labels = scan.labels.get(item.case_id)
         patient = labels.patient_id if labels and labels.patient_id else item.patient_id
+        if not patient:
+            if not getattr(config.data, "one_scan_per_patient", False):
+                scan.rejected.append(Rejected(item.case_id, "error", _NO_PATIENT[item.kind], item.source))
+                continue
+            patient = item.case_id
         scan.cases.append(CaseSource(
             case_id=item.case_id, kind=item.kind, files=item.files, source=item.source,
             patient_id=patient, series_uid=item.series_uid, mask=masks.get(item.case_id)))

@@ -131,9 +131,7 @@ def _check_row(labels: CaseLabels) -> None:
             raise _BadCell(described[0], "set although tumor_present is no")
 
 
-def read_labels(path: Path) -> LabelsTable:
-    """Parse and validate the labels CSV; bad rows are reported in `errors` and left out."""
-    table = LabelsTable()
+def _reader(path: Path) -> csv.DictReader:
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
@@ -142,7 +140,18 @@ def read_labels(path: Path) -> LabelsTable:
         dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else ",", delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    reader = csv.DictReader(text.splitlines(), dialect=dialect)
+    return csv.DictReader(text.splitlines(), dialect=dialect)
+
+
+def label_columns(path: Path) -> list[str]:
+    """The header of the labels CSV (what the site config checks before any row is read)."""
+    return [c.strip() for c in (_reader(path).fieldnames or [])]
+
+
+def read_labels(path: Path) -> LabelsTable:
+    """Parse and validate the labels CSV; bad rows are reported in `errors` and left out."""
+    table = LabelsTable()
+    reader = _reader(path)
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if "case_id" not in columns:
         raise IngestError(f"{path}: no case_id column (columns: {', '.join(columns) or 'none'})")

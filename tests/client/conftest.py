@@ -151,11 +151,12 @@ def ramp_volume(shape=(8, 16, 16), low=-200, step=7) -> np.ndarray:
 
 
 def write_site_yaml(root: Path, images: Path, *, labels: Path | None = None,
-                    masks: Path | None = None, **extra) -> Path:
+                    masks: Path | None = None, one_scan_per_patient: bool | None = None, **extra) -> Path:
     config = {
         "site": "hospital-test",
         "data": {"images": str(images), **({"labels": str(labels)} if labels else {}),
-                 **({"masks": str(masks)} if masks else {})},
+                 **({"masks": str(masks)} if masks else {}),
+                 **({} if one_scan_per_patient is None else {"one_scan_per_patient": one_scan_per_patient})},
         "privacy": {"max_epsilon": 8.0, "delta": 1.0e-5, "max_grad_norm": 1.0},
         "state_dir": str(root / "state"),
         "device": "cpu",

@@ -164,7 +164,7 @@ def test_nifti_written_by_nibabel_keeps_hu_and_geometry(tmp_path, w):
     hu = w.ramp().astype(np.float32)
     w.nifti(tmp_path / "images" / "case007.nii.gz", hu, spacing=(0.8, 0.9, 2.0),
             origin_ras=(10.0, 20.0, -5.0))
-    (case,) = discover_cases(_site(tmp_path, w))
+    (case,) = discover_cases(_site(tmp_path, w, one_scan_per_patient=True))
     assert case.case_id == "case007" and case.kind == "nifti"
     loaded = read_case(case)
     np.testing.assert_array_equal(loaded.hu_array(), hu)
@@ -181,7 +181,8 @@ def test_mask_on_the_image_grid_is_read_and_a_shifted_one_is_an_error(tmp_path, 
     w.nifti(tmp_path / "images" / "shifted.nii.gz", hu)
     w.nifti(tmp_path / "masks" / "good.nii.gz", mask)
     w.nifti(tmp_path / "masks" / "shifted.nii.gz", mask, origin_ras=(10.0, 22.0, -5.0))
-    cases = {c.case_id: c for c in discover_cases(_site(tmp_path, w, masks=tmp_path / "masks"))}
+    cases = {c.case_id: c for c in discover_cases(_site(tmp_path, w, masks=tmp_path / "masks",
+                                                         one_scan_per_patient=True))}
     good = read_case(cases["good"])
     assert sitk.GetArrayFromImage(good.mask).sum() == 32 and good.mask.GetPixelID() == sitk.sitkUInt8
     with pytest.raises(Exception, match="mask does not match its image: origin"):

@@ -17,7 +17,7 @@ def _write(tmp_path, config: dict):
 def base(tmp_path) -> dict:
     (tmp_path / "ct").mkdir()
     (tmp_path / "masks").mkdir()
-    (tmp_path / "labels.csv").write_text("case_id\n")
+    (tmp_path / "labels.csv").write_text("case_id,patient_id\n")
     return {
         "site": "hospital-a",
         "data": {"images": "ct", "labels": "labels.csv", "masks": "masks"},
@@ -40,6 +40,9 @@ def test_relative_paths_resolve_against_the_yaml_folder(tmp_path, base):
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["privacy"].update(max_epsilon=-1), "privacy.max_epsilon: must be > 0, got -1"),
     (lambda c: c["privacy"].update(delta=1.5), "privacy.delta: must be between 0 and 1"),
+    (lambda c: c["privacy"].update(delta=1.0), "privacy.delta: must be between 0 and 1"),
+    (lambda c: c["privacy"].update(delta=0.05), "privacy.delta: must be at most 0.01"),
+    (lambda c: c["data"].update(one_scan_per_patient="yes"), "data.one_scan_per_patient: must be true or false"),
     (lambda c: c["privacy"].update(max_grad_norm="one"), "privacy.max_grad_norm: must be a number"),
     (lambda c: c["privacy"].pop("delta"), "privacy.delta: is required"),
     (lambda c: c["privacy"].update(epsilon=3), "privacy.epsilon: unknown key"),
@@ -62,9 +65,44 @@ def test_bad_values_name_the_file_and_key(tmp_path, base, edit, message):
     assert str(path) in str(err.value)
 
 
-def test_cuda_device_index_is_accepted(tmp_path, base):
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_on_a_host_without_cuda_is_refused(tmp_path, base, monkeypatch, device):
+    """Otherwise the round would fail in the trainer, after its privacy was charged."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base["device"] = device
+    path = _write(tmp_path, base)
+    with pytest.raises(SiteConfigError, match=f"{path}: device: {device} requested, but this host has no"):
+        load_site_config(path)
+    base["device"] = "auto"
+    assert load_site_config(_write(tmp_path, base)).device == "auto"
+
+
+def test_cuda_device_index_must_exist_on_this_host(tmp_path, base, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     base["device"] = "cuda:1"
     assert load_site_config(_write(tmp_path, base)).device == "cuda:1"
+    base["device"] = "cuda:2"
+    with pytest.raises(SiteConfigError, match=r"device: cuda:2 requested, but this host has 2 CUDA device\(s\)"):
+        load_site_config(_write(tmp_path, base))
+
+
+def test_labels_without_patient_id_need_one_scan_per_patient(tmp_path, base):
+    (tmp_path / "labels.csv").write_text("case_id;tumor_present\nliver_01;1\n")
+    path = _write(tmp_path, base)
+    with pytest.raises(SiteConfigError) as err:
+        load_site_config(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: data.labels: {tmp_path / 'labels.csv'} has no patient_id column")
+    assert "data.one_scan_per_patient: true" in text
+    base["data"]["one_scan_per_patient"] = True
+    config = load_site_config(_write(tmp_path, base))
+    assert config.data.one_scan_per_patient is True
+    (tmp_path / "labels.csv").write_text("case_id;patient_id\nliver_01;P1\n")   # any delimiter the reader takes
+    base["data"].pop("one_scan_per_patient")
+    assert load_site_config(_write(tmp_path, base)).data.one_scan_per_patient is False
 
 
 def test_writes_are_refused_inside_data(tmp_path, base):

@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from pasta_model.checkpoint import backbone_sha256
 from pasta_model.network import build_model, head_keys
 from pasta_model.protocol import (NUM_EXAMPLES, ProtocolError, RoundConfig, array_record_to_heads,
-                                  arrays_to_heads, heads_to_array_record, heads_to_arrays)
+                                  arrays_to_heads, check_array_dtypes, check_incoming_heads,
+                                  heads_to_array_record, heads_to_arrays)
 
 GOOD = {
     "server-round": 2, "task": "report", "local-epochs": 1, "learning-rate": 0.01, "batch-size": 8,
@@ -36,6 +37,7 @@ def test_integer_learning_rate_is_accepted_as_a_number():
     ("backbone-sha256", "G" * 64), ("dp-delta", 0.0), ("dp-delta", 1.0), ("planned-rounds", 10001),
     ("run-id", "x" * 65), ("run-id", "a b"), ("proximal-mu", -0.1), ("learning-rate", float("nan")),
     ("server-round", 6),  # beyond planned-rounds
+    ("proximal-mu", 1e300), ("proximal-mu", 101.0),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(key, value):
     with pytest.raises(ProtocolError, match=key):
@@ -122,3 +124,64 @@ def test_arrays_outside_the_task_head_are_refused_and_nothing_is_loaded():
         arrays_to_heads(net, missing, "stage")
     after = net.state_dict()
     assert all(torch.equal(after[k], v) for k, v in snapshot.items())
+
+
+def test_proximal_mu_is_bounded_by_the_learning_rate():
+    """w -= lr*mu*(w - w_global) overshoots once lr*mu > 1: refused, whatever mu alone is."""
+    assert RoundConfig.from_config_record({**GOOD, "proximal-mu": 100.0}).proximal_mu == 100.0  # lr 0.01
+    with pytest.raises(ProtocolError, match="proximal-mu.*learning-rate"):
+        RoundConfig.from_config_record({**GOOD, "learning-rate": 0.5, "proximal-mu": 2.5})
+    assert RoundConfig.from_config_record({**GOOD, "learning-rate": 0.5, "proximal-mu": 2.0}).proximal_mu == 2.0
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool", "complex64", "float64", ">f4", "float16"])
+def test_heads_of_another_dtype_are_refused_naming_key_and_dtype(dtype):
+    net = build_model("tiny", ["stage"])
+    arrays = heads_to_arrays(net, "stage")
+    snapshot = {k: v.clone() for k, v in net.state_dict().items()}
+    key = sorted(arrays)[0]
+    bad = {**arrays, key: arrays[key].astype(dtype)}
+    shown = np.dtype(dtype).name if np.dtype(dtype).isnative else np.dtype(dtype).str
+    with pytest.raises(ProtocolError, match=rf"{key}.*dtype {shown}, expected float32"):
+        arrays_to_heads(net, bad, "stage")
+    with pytest.raises(ProtocolError, match=rf"{key}.*dtype {shown}"):
+        check_incoming_heads(bad, "stage")
+    if np.dtype(dtype).isnative:        # the same weights as torch tensors
+        tensors = {k: torch.from_numpy(v) for k, v in bad.items()}
+        with pytest.raises(ProtocolError, match=rf"{key}.*dtype {shown}"):
+            arrays_to_heads(net, tensors, "stage")
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in snapshot.items())
+
+
+@pytest.mark.parametrize("value", [3e38, -2e4])
+def test_absurdly_large_head_weights_are_refused(value):
+    net = build_model("tiny", ["stage"])
+    arrays = heads_to_arrays(net, "stage")
+    key = sorted(arrays)[-1]
+    bad = {**arrays, key: np.full_like(arrays[key], value)}
+    with pytest.raises(ProtocolError, match=rf"{key}.*magnitude"):
+        check_incoming_heads(bad, "stage")
+    with pytest.raises(ProtocolError, match=rf"{key}.*magnitude"):
+        arrays_to_heads(net, bad, "stage")
+    fine = {**arrays, key: np.full_like(arrays[key], 1e4)}
+    check_incoming_heads(fine, "stage")
+    arrays_to_heads(net, fine, "stage")
+    assert float(net.state_dict()[key].abs().max()) == 1e4
+
+
+def test_check_incoming_heads_refuses_keys_of_another_task_or_the_backbone():
+    net = build_model("tiny", ["segment", "stage"])
+    with pytest.raises(ProtocolError, match="heads.segment"):
+        check_incoming_heads(heads_to_arrays(net, "segment"), "stage")
+    with pytest.raises(ProtocolError, match="conv_blocks_context"):
+        check_incoming_heads({"conv_blocks_context.0.blocks.0.conv.bias": np.zeros(8, np.float32)}, "stage")
+
+
+def test_check_array_dtypes_takes_one_dtype_per_key():
+    """The form a backbone payload is checked in: the model's own dtype for every key."""
+    state = {"a": torch.zeros(2), "n": torch.zeros(1, dtype=torch.int64)}
+    good = {k: v.numpy() for k, v in state.items()}
+    check_array_dtypes(good, {k: v.dtype for k, v in state.items()})
+    with pytest.raises(ProtocolError, match="'n' has dtype float32, expected int64"):
+        check_array_dtypes({**good, "n": np.zeros(1, np.float32)}, {k: v.dtype for k, v in state.items()})

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
-from synth.atomic import DEFAULT_MODE, PRIVATE_MODE, append_durable, atomic_path, write_atomic
+from synth.atomic import (DEFAULT_MODE, PRIVATE_MODE, append_durable, atomic_path, clean_stale_temp_files,
+                          write_atomic)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
@@ -35,3 +40,66 @@ def test_append_durable_appends(tmp_path):
     append_durable(log, b"a\n")
     append_durable(log, b"b\n")
     assert log.read_bytes() == b"a\nb\n"
+
+
+_SAVER = """
+import sys, time
+from synth.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half of a checkpoint")
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+
+def _start_saver(target):
+    """A process in the middle of an atomic save (written, not yet renamed); returns it and its temp file."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_a_save_killed_by_sigkill_leaves_a_temp_file_that_the_next_start_removes(tmp_path):
+    target = tmp_path / "privacy" / "ledger-site.json"
+    write_atomic(target, "the old ledger")
+    proc, tmp = _start_saver(target)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tmp.exists() and tmp.parent == target.parent       # what a killed save leaves behind
+    assert clean_stale_temp_files(tmp_path, min_age_s=0) == [tmp]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ledger-site.json"]
+    assert target.read_text() == "the old ledger"
+
+
+def test_a_live_writers_temp_file_is_kept_however_old(tmp_path):
+    target = tmp_path / "cache" / "case-1.safetensors"
+    proc, tmp = _start_saver(target)
+    try:
+        os.utime(tmp, (time.time() - 7200, time.time() - 7200))
+        assert clean_stale_temp_files(tmp_path, min_age_s=0) == []
+        assert tmp.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert clean_stale_temp_files(tmp_path, min_age_s=0) == [tmp]
+
+
+def test_only_old_unlocked_atomic_temp_files_are_removed(tmp_path):
+    """A leftover from before temp files were locked is removed once old; nothing else is touched."""
+    old = time.time() - 3600
+    fd, leftover = tempfile.mkstemp(prefix=".report.json.", suffix=".json", dir=tmp_path)
+    os.close(fd)
+    fd, fresh = tempfile.mkstemp(prefix=".mask.nii.gz.", suffix=".nii.gz", dir=tmp_path)
+    os.close(fd)
+    keep = [tmp_path / n for n in (".noise-secret.4242", ".hidden", "report.json", ".report.json.abc.json",
+                                   ".report.json.abcdefgh.txt")]
+    for path in keep:
+        path.write_text("x")
+    (tmp_path / ".cache.json.abcdefgh.json").mkdir()          # the right name, but a folder
+    for path in [Path(leftover), *keep]:
+        os.utime(path, (old, old))
+    assert clean_stale_temp_files(tmp_path) == [Path(leftover)]
+    assert Path(fresh).exists() and all(p.exists() for p in keep)
+    assert (tmp_path / ".cache.json.abcdefgh.json").is_dir()
