@@ -1,8 +1,11 @@
-"""`pasta-fed certs ...`: thin argparse shell over `server.certs`."""
+"""`pasta-fed certs ...` and `pasta-fed app ...`: thin argparse shells over `server.certs`."""
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
 import sys
+from pathlib import Path
 
 from .certs import (
     ProvisioningError,
@@ -11,6 +14,8 @@ from .certs import (
     make_handout,
     renew_server_cert,
 )
+from .certs import app_signing
+from .certs.app_publish import publish_release
 from .certs.provision import (
     DEFAULT_CA_DAYS,
     DEFAULT_CONNECTION,
@@ -74,6 +79,7 @@ def _cmd_handout(args: argparse.Namespace) -> int:
         handout = make_handout(
             args.out, args.name, args.superlink,
             connection=args.connection, hospital_config=args.hospital_config,
+            release_keys=args.release_key or (),
         )
     except ProvisioningError as err:
         return _fail(err)
@@ -127,4 +133,128 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"(default {DEFAULT_CONNECTION})")
     p.add_argument("--hospital-config", default="hospital.yaml",
                    help="path of hospital.yaml at the hospital (for --node-config)")
+    p.add_argument("--release-key", type=Path, action="append",
+                   help="release public key (from `pasta-fed app keygen`) the hospital's "
+                        "SuperNode trusts; writes its trusted-entities.yaml (repeatable)")
     p.set_defaults(func=_cmd_handout)
+    _register_app(subparsers)
+
+
+# ---------------------------------------------------------------- pasta-fed app
+
+def _app_fail(err: Exception) -> int:
+    print(f"pasta-fed app: error: {err}", file=sys.stderr)
+    return 1
+
+
+def _cmd_app_keygen(args: argparse.Namespace) -> int:
+    try:
+        keys = app_signing.generate_release_key(args.out, args.name, force=args.force)
+    except ProvisioningError as err:
+        return _app_fail(err)
+    print(f"release private key {keys.private_key}   (0600; the release manager's alone, "
+          "keep it off the SuperLink)")
+    print(f"release public key  {keys.public_key}   (for `certs handout --release-key`)")
+    print(f"key id {keys.key_id}  fingerprint {keys.fingerprint}   (tell hospitals, "
+          "over a second channel)")
+    return 0
+
+
+def _cmd_app_sign(args: argparse.Namespace) -> int:
+    try:
+        rel = app_signing.sign_release(args.key, args.out, app_dir=args.app,
+                                       fab_path=args.fab, force=args.force)
+    except ProvisioningError as err:
+        return _app_fail(err)
+    rec = rel.record
+    print(f"signed {rec['app_id']} {rec['version']}  sha256 {rec['fab_sha256']}")
+    print(f"FAB        {rel.fab}")
+    print(f"signatures {rel.signature}   ({', '.join(s['public_key_id'] for s in rec['signatures'])})")
+    print(f"\nNext (coordinator): pasta-fed app publish {rel.fab} --database superlink.db")
+    return 0
+
+
+def _cmd_app_publish(args: argparse.Namespace) -> int:
+    logging.getLogger("alembic").setLevel(logging.WARNING)   # schema check chatter
+    try:
+        app = publish_release(args.fab, args.database, args.signature, args.federation)
+    except ProvisioningError as err:
+        return _app_fail(err)
+    print(f"published {app.app_id} {app.version}  sha256 {app.fab_sha256}  signed by "
+          f"{', '.join(app.signers)}  into {args.database}")
+    print("Run it with:  " + shlex.join(["flwr", "run", app.app_id, args.connection,
+                                         "--run-config", "..."]))
+    return 0
+
+
+def _cmd_app_verify(args: argparse.Namespace) -> int:
+    try:
+        trusted = app_signing.read_trusted_entities(args.trusted_entities)
+        fab = args.fab.read_bytes()
+        sig = args.signature or app_signing.signature_path(args.fab)
+        signers = app_signing.trusted_signers(fab, app_signing.read_record(sig), trusted)
+    except OSError as err:
+        return _app_fail(f"{args.fab}: cannot read the FAB ({err})")
+    except ProvisioningError as err:
+        return _app_fail(err)
+    if not signers:
+        return _app_fail(f"{args.fab}: no signature by a key in {args.trusted_entities}; "
+                         "your SuperNode would refuse this app")
+    for kid in signers:
+        print(f"{args.fab}: signed by {kid} {app_signing.fingerprint(trusted[kid])}")
+    return 0
+
+
+def _cmd_app_fingerprint(args: argparse.Namespace) -> int:
+    try:
+        trusted = app_signing.read_trusted_entities(args.trusted_entities)
+    except ProvisioningError as err:
+        return _app_fail(err)
+    for kid, key in trusted.items():
+        print(f"{kid} {app_signing.fingerprint(key)}")
+    return 0
+
+
+def _register_app(subparsers: argparse._SubParsersAction) -> None:
+    app = subparsers.add_parser(
+        "app", help="app pinning: sign the release FAB, publish it to the SuperLink")
+    sub = app.add_subparsers(dest="app_command", required=True)
+
+    p = sub.add_parser("keygen", help="create the Ed25519 release key pair")
+    p.add_argument("--out", required=True, type=Path, help="folder for NAME.key / NAME.pub")
+    p.add_argument("--name", default="release", help="file name stem (default release)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(func=_cmd_app_keygen)
+
+    p = sub.add_parser("sign", help="build (or take) the FAB and sign it with a release key")
+    p.add_argument("--key", required=True, type=Path, help="release private key")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--app", type=Path, help="project folder to build the FAB from")
+    src.add_argument("--fab", type=Path, help="a FAB built with `flwr build`")
+    p.add_argument("--out", required=True, type=Path,
+                   help="signed FAB to write (its record goes to OUT.sig.json)")
+    p.add_argument("--force", action="store_true", help="replace a different FAB at --out")
+    p.set_defaults(func=_cmd_app_sign)
+
+    p = sub.add_parser("publish", help="store a signed FAB with its signatures in the "
+                                       "SuperLink database (run `flwr run @APP_ID` then)")
+    p.add_argument("fab", type=Path)
+    p.add_argument("--database", required=True, type=Path,
+                   help="the SuperLink's --database file")
+    p.add_argument("--signature", type=Path, action="append",
+                   help="signature record(s) (default FAB.sig.json; repeatable)")
+    p.add_argument("--federation", default=None, help="federation id (default Flower's)")
+    p.add_argument("--connection", default=DEFAULT_CONNECTION,
+                   help="SuperLink connection name printed in the run command")
+    p.set_defaults(func=_cmd_app_publish)
+
+    p = sub.add_parser("verify", help="check a FAB's signature against a trusted-entities YAML")
+    p.add_argument("fab", type=Path)
+    p.add_argument("--trusted-entities", required=True, type=Path)
+    p.add_argument("--signature", type=Path, help="signature record (default FAB.sig.json)")
+    p.set_defaults(func=_cmd_app_verify)
+
+    p = sub.add_parser("fingerprint", help="print the key ids and fingerprints of a "
+                                           "trusted-entities YAML")
+    p.add_argument("trusted_entities", type=Path)
+    p.set_defaults(func=_cmd_app_fingerprint)

@@ -15,6 +15,8 @@ from synth.atomic import write_atomic
 
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
+# File name of a hospital's `flower-supernode --trusted-entities` YAML.
+TRUSTED_ENTITIES_NAME = "trusted-entities.yaml"
 # Hospital names become folder and file names and key comments: keep them plain.
 _HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -66,6 +68,10 @@ class Layout:
 
     def hospital_pub(self, name: str) -> Path:
         return self.hospital_dir(name) / f"{name}.pub"
+
+    def hospital_trusted_entities(self, name: str) -> Path:
+        """The release key(s) the hospital's SuperNode accepts apps from (--trusted-entities)."""
+        return self.hospital_dir(name) / TRUSTED_ENTITIES_NAME
 
     def hospitals(self) -> list[str]:
         """Names of hospitals that have a public key here, sorted."""

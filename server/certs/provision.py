@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from . import pki
+from . import app_signing, pki
 from .files import (
     Layout,
     ProvisioningError,
@@ -172,17 +172,23 @@ class Handout:
     superlink: str
     connection: str
     hospital_config: str
+    # The hospital's --trusted-entities YAML (None: no release key given, no app pinning)
+    trusted_entities: Path | None = None
+    release_keys: tuple[tuple[str, str], ...] = ()   # (key id, fingerprint) pinned
 
     @property
     def supernode_command(self) -> list[str]:
         """Run at the hospital, with the handed-out files in the working folder."""
-        return [
+        cmd = [
             "flower-supernode",
             "--superlink", self.superlink,
             "--root-certificates", self.ca_cert.name,
             "--auth-supernode-private-key", self.private_key.name,
             "--node-config", f'{HOSPITAL_CONFIG_KEY}="{self.hospital_config}"',
         ]
+        if self.trusted_entities is not None:
+            cmd += ["--trusted-entities", self.trusted_entities.name]
+        return cmd
 
     @property
     def register_command(self) -> list[str]:
@@ -198,6 +204,14 @@ class Handout:
             f'root-certificates = "{self.ca_cert.resolve()}"\n'
         )
 
+    def _pinning_lines(self) -> list[str]:
+        if self.trusted_entities is None:
+            return ["  WARNING: no --release-key given: this SuperNode would run ANY app the "
+                    "SuperLink sends (no app pinning)"]
+        return [f"  trusted apps   : {self.trusted_entities}  (release key(s) "
+                + ", ".join(f"{k} {fp}" for k, fp in self.release_keys)
+                + "; the hospital checks the fingerprint with the release manager)"]
+
     def render(self) -> str:
         return "\n".join([
             f"== Hand to hospital '{self.hospital}' (over a channel you trust; the "
@@ -205,8 +219,9 @@ class Handout:
             f"  CA certificate : {self.ca_cert}",
             f"  private key    : {self.private_key}",
             f"  SuperLink      : {self.superlink}",
+            *self._pinning_lines(),
             "",
-            "== The hospital runs (in the folder holding both files):",
+            "== The hospital runs (in the folder holding these files):",
             "  " + shlex.join(self.supernode_command),
             "",
             "== The coordinator registers it (once) with:",
@@ -240,8 +255,13 @@ def make_handout(
     *,
     connection: str = DEFAULT_CONNECTION,
     hospital_config: str = "hospital.yaml",
+    release_keys: Sequence[Path] = (),
 ) -> Handout:
-    """Describe the handout for `name`; checks the files exist and the host is a SAN."""
+    """Describe the handout for `name`; checks the files exist and the host is a SAN.
+
+    With `release_keys` (Ed25519 OpenSSH public keys of the release signers) it also
+    writes the hospital's trusted-entities YAML, so its SuperNode runs signed apps only.
+    """
     layout = Layout(Path(out))
     keys = _hospital_keys(layout, name)
     for path in (layout.ca_cert, keys.private_key, keys.public_key):
@@ -258,5 +278,18 @@ def make_handout(
                 f"{layout.server_cert}: SuperLink host {host!r} is not among the "
                 f"certificate's names {sans}; TLS would fail at the hospital"
             )
+    pinned, trusted = _write_trusted_entities(layout, name, release_keys)
     return Handout(name, layout.ca_cert, keys.private_key, keys.public_key,
-                   superlink, connection, hospital_config)
+                   superlink, connection, hospital_config, trusted, pinned)
+
+
+def _write_trusted_entities(layout: Layout, name: str, release_keys: Sequence[Path]
+                            ) -> tuple[tuple[tuple[str, str], ...], Path | None]:
+    """Write the hospital's --trusted-entities YAML from the release public keys."""
+    if not release_keys:
+        return (), None
+    keys = [app_signing.load_public_key(p) for p in release_keys]
+    path = layout.hospital_trusted_entities(name)
+    write_public(path, app_signing.trusted_entities_yaml(keys))
+    log.info("hospital %s: trusted entities %s", name, path)
+    return tuple((app_signing.key_id(k), app_signing.fingerprint(k)) for k in keys), path
