@@ -2,11 +2,15 @@
 
 Site facts come only from the site's own YAML (`--node-config 'hospital-config="..."'`);
 the coordinator's config is untrusted and validated by `pasta_model.protocol`.
-Every reply passes the outbox allow-list and is written to the audit log first.
+Every reply passes the outbox allow-list and is written to the audit log first. A
+failure leaves as a code and its fixed message (`pasta_model.protocol.ErrorCode`); the
+full reason, which may name the site's files, counts or settings, stays in the site's
+log and audit log. No exception reaches Flower, which would send its text.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,21 +19,43 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.privacy.audit import AuditLog, AuditRecord
-from client.privacy.outbox import DEFAULT_ALLOWED_METRICS, OutboxPolicy, OutboxRefused, record_refusal, release
+from client.privacy.outbox import DEFAULT_ALLOWED_METRICS, OutboxPolicy, OutboxRefused, release
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
-from client.task import SiteAgent, SiteRefused, parse_round_config
+from client.task import SiteAgent, SiteRefused
 from pasta_model.finetune import METRIC_NAMES
-from pasta_model.protocol import TRAIN_LOSS, ProtocolError
+from pasta_model.protocol import (TRAIN_LOSS, ErrorCode, ProtocolError, RoundConfig, check_incoming_heads,
+                                  error_message)
+from synth.atomic import clean_stale_temp_files
 
 log = logging.getLogger(__name__)
 
 NODE_CONFIG_KEY = "hospital-config"
 SITE_RECORD = "site"
-ERROR_CODE_REFUSED = 4100          # the site refused: reason in the error message
 ALLOWED_METRICS = DEFAULT_ALLOWED_METRICS | METRIC_NAMES | {TRAIN_LOSS}
+PRESETS = ("tiny", "small", "base", "paper")
+QUERY_KEYS = frozenset({"action", "backbone-sha256", "preset"})
 
 SiteResolver = Callable[[Context], Path]
 _AGENTS: dict[Path, SiteAgent] = {}
+
+
+@dataclass
+class ReplyRecord(AuditRecord):
+    """The audit line of an error reply: `code` and `sent` are exactly what left the site,
+    `reason` is the full text that did not."""
+
+    code: int | None = None
+    sent: str | None = None
+
+
+@dataclass
+class _Exchange:
+    """What a handler knew when it failed: where to audit, and which round it was."""
+
+    msg: Message
+    agent: SiteAgent | None = None
+    config: RoundConfig | None = None
+    action: str | None = None
 
 
 def site_from_node_config(context: Context) -> Path:
@@ -41,103 +67,159 @@ def site_from_node_config(context: Context) -> Path:
 
 
 def _agent(path: Path) -> SiteAgent:
+    """The site's agent, created once per process; its start clears temp files a killed save left."""
     path = path.resolve()
     if path not in _AGENTS:
-        _AGENTS[path] = SiteAgent(load_site_config(path))
+        config = load_site_config(path)
+        clean_stale_temp_files(config.state_dir)
+        _AGENTS[path] = SiteAgent(config)
     return _AGENTS[path]
 
 
-def _refuse(msg: Message, exc: Exception, agent: SiteAgent | None = None, config=None) -> Message:
-    """An error reply carrying only the reason, audited like any reply when the site is known.
+# -- error replies ----------------------------------------------------------------------
+def error_code(exc: BaseException) -> ErrorCode:
+    """The code a failure leaves as; anything unforeseen is an internal error."""
+    if isinstance(exc, ProtocolError):
+        return ErrorCode.INVALID_MESSAGE
+    if isinstance(exc, OutboxRefused):
+        return ErrorCode.OUTBOX_REFUSED
+    if isinstance(exc, SiteConfigError):
+        return ErrorCode.SITE_CONFIG
+    if isinstance(exc, SiteRefused):
+        try:
+            return ErrorCode(getattr(exc, "code", ErrorCode.SITE_POLICY))
+        except ValueError:
+            return ErrorCode.INTERNAL
+    return ErrorCode.INTERNAL
 
-    The outbox audits its own refusals (`exc.audited`). Without a readable site config
-    there is no state_dir to log to (the SuperNode's log still has the line).
-    """
-    reason = str(exc)
-    log.error("refused %s: %s", msg.metadata.message_type, reason)
-    if agent is not None and not getattr(exc, "audited", False):
-        record_refusal(AuditLog(agent.config.state_dir),
-                       run_id=config.run_id if config is not None else f"flower-{msg.metadata.run_id}",
-                       round=config.server_round if config is not None else 0,
-                       message_type=str(msg.metadata.message_type), reason=reason, site=agent.config.site)
-    return Message(error=Error(code=ERROR_CODE_REFUSED, reason=reason), reply_to=msg)
+
+def _refuse(ex: _Exchange, exc: Exception) -> Message:
+    """An error reply with a code and its fixed message; the full reason is logged and audited."""
+    code = error_code(exc)
+    sent = error_message(code)
+    reason = str(exc) if code != ErrorCode.INTERNAL else f"{type(exc).__name__}: {exc}"
+    kind = str(ex.msg.metadata.message_type)
+    if code == ErrorCode.INTERNAL:
+        log.error("%s failed (sent %d %r): %s", kind, code, sent, reason, exc_info=exc)
+    else:
+        log.warning("refused %s (sent %d %r): %s", kind, code, sent, reason)
+    if ex.agent is not None:
+        _audit_error(ex, code, sent, reason)
+    return Message(error=Error(code=int(code), reason=sent), reply_to=ex.msg)
+
+
+def _audit_error(ex: _Exchange, code: ErrorCode, sent: str, reason: str) -> None:
+    record = ReplyRecord.describe(
+        run_id=ex.config.run_id if ex.config is not None else f"flower-{ex.msg.metadata.run_id}",
+        round=ex.config.server_round if ex.config is not None else 0,
+        message_type=f"query:{ex.action}" if ex.action else str(ex.msg.metadata.message_type),
+        arrays={}, status="error", reason=reason, site=ex.agent.config.site)
+    record.code, record.sent = int(code), sent
+    try:
+        AuditLog(ex.agent.config.state_dir).append(record)
+    except Exception:   # the error reply still leaves (it carries nothing of the site's)
+        log.exception("could not audit the error reply %d to %s", code, record.message_type)
+
+
+def _answering(handler):
+    """Run `handler(exchange, context, resolve)`; any exception becomes an audited error reply."""
+    def answer(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+        ex = _Exchange(msg)
+        try:
+            return handler(ex, context, resolve)
+        except Exception as exc:   # noqa: BLE001 - Flower would send the exception's text
+            return _refuse(ex, exc)
+    answer.__doc__ = handler.__doc__
+    return answer
+
+
+# -- incoming records -------------------------------------------------------------------
+def _record(msg: Message, name: str, kind: type):
+    if not msg.has_content() or name not in msg.content:
+        raise ProtocolError(f"message has no {name!r} record")
+    record = msg.content[name]
+    if not isinstance(record, kind):
+        raise ProtocolError(f"record {name!r} is a {type(record).__name__}, expected {kind.__name__}")
+    return record
+
+
+def _round_inputs(msg: Message, ex: _Exchange) -> tuple[RoundConfig, dict[str, np.ndarray]]:
+    """The validated round config and incoming head weights; checked before any work is done."""
+    ex.config = RoundConfig.from_config_record(dict(_record(msg, "config", ConfigRecord)))
+    incoming = {k: v.numpy() for k, v in _record(msg, "arrays", ArrayRecord).items()}
+    check_incoming_heads(incoming, ex.config.task)
+    return ex.config, incoming
 
 
 def _policy(config: SiteConfig, task: str) -> OutboxPolicy:
     return OutboxPolicy(task=task, min_cases=config.min_cases_for_metrics, allowed_metrics=ALLOWED_METRICS)
 
 
-def _round_inputs(msg: Message):
-    """The validated round config and the incoming head weights of a train/evaluate message."""
-    config = parse_round_config(msg.content["config"])
-    incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    return config, incoming
+def _site_record(agent: SiteAgent) -> ConfigRecord:
+    return ConfigRecord({"name": agent.config.site})
 
 
-def handle_train(msg: Message, context: Context, resolve: SiteResolver) -> Message:
-    agent = config = None
-    try:
-        agent = _agent(resolve(context))
-        config, incoming = _round_inputs(msg)
-        reply = agent.train(config, incoming)
-        release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
-                message_type="train", arrays=reply.arrays, metrics=reply.metrics,
-                policy=_policy(agent.config, config.task), site=agent.config.site,
-                expected_shapes={k: v.shape for k, v in incoming.items()})
-    except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
-        return _refuse(msg, exc, agent, config)
-    content = RecordDict({
-        "arrays": _array_record(reply.arrays),
-        "metrics": MetricRecord(reply.metrics),
-        SITE_RECORD: ConfigRecord({"name": agent.config.site}),
-    })
-    return Message(content=content, reply_to=msg)
+# -- handlers -------------------------------------------------------------------------
+@_answering
+def handle_train(ex: _Exchange, context: Context, resolve: SiteResolver) -> Message:
+    agent = ex.agent = _agent(resolve(context))
+    config, incoming = _round_inputs(ex.msg, ex)
+    reply = agent.train(config, incoming)
+    content = RecordDict({"arrays": _array_record(reply.arrays), "metrics": MetricRecord(reply.metrics),
+                          SITE_RECORD: _site_record(agent)})
+    release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
+            message_type="train", arrays=reply.arrays, metrics=reply.metrics,
+            policy=_policy(agent.config, config.task), site=agent.config.site,
+            expected_shapes={k: v.shape for k, v in incoming.items()})
+    return Message(content=content, reply_to=ex.msg)
 
 
-def handle_evaluate(msg: Message, context: Context, resolve: SiteResolver) -> Message:
-    agent = config = None
-    try:
-        agent = _agent(resolve(context))
-        config, incoming = _round_inputs(msg)
-        metrics = agent.evaluate(config, incoming)
-        release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
-                message_type="evaluate", arrays={}, metrics=metrics,
-                policy=_policy(agent.config, config.task), site=agent.config.site)
-    except (SiteRefused, SiteConfigError, OutboxRefused, ProtocolError) as exc:
-        return _refuse(msg, exc, agent, config)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics),
-                                       SITE_RECORD: ConfigRecord({"name": agent.config.site})}), reply_to=msg)
+@_answering
+def handle_evaluate(ex: _Exchange, context: Context, resolve: SiteResolver) -> Message:
+    agent = ex.agent = _agent(resolve(context))
+    config, incoming = _round_inputs(ex.msg, ex)
+    metrics = agent.evaluate(config, incoming)
+    content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(agent)})
+    release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
+            message_type="evaluate", arrays={}, metrics=metrics,
+            policy=_policy(agent.config, config.task), site=agent.config.site)
+    return Message(content=content, reply_to=ex.msg)
 
 
-def handle_query(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+def _query(msg: Message) -> tuple[str, str]:
+    """The (action, backbone-sha256) of a handshake query; anything else is a ProtocolError."""
+    cfg = dict(_record(msg, "config", ConfigRecord))
+    unknown = set(cfg) - QUERY_KEYS
+    if unknown:
+        raise ProtocolError(f"query config has unknown key(s) {sorted(unknown)}")
+    sha, action = cfg.get("backbone-sha256"), cfg.get("action")
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ProtocolError("query: backbone-sha256 must be 64 hex digits")
+    if action not in ("has-backbone", "install-backbone"):
+        raise ProtocolError(f"query: unknown action {action!r}")
+    if action == "install-backbone" and cfg.get("preset") not in PRESETS:
+        raise ProtocolError(f"query: unknown preset {cfg.get('preset')!r}")
+    return action, sha
+
+
+@_answering
+def handle_query(ex: _Exchange, context: Context, resolve: SiteResolver) -> Message:
     """Backbone handshake: `has-backbone`, then (if needed) `install-backbone` with the weights."""
-    agent = None
-    try:
-        agent = _agent(resolve(context))
-        cfg = dict(msg.content["config"])
-        unknown = set(cfg) - {"action", "backbone-sha256", "preset"}
-        if unknown:
-            raise SiteRefused(f"query config has unknown key(s) {sorted(unknown)}")
-        sha, action = str(cfg.get("backbone-sha256", "")), cfg.get("action")
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise SiteRefused("query: backbone-sha256 must be 64 hex digits")
-        if action == "has-backbone":
-            has = agent.has_backbone(sha)
-        elif action == "install-backbone":
-            preset = str(cfg.get("preset", ""))
-            if preset not in ("tiny", "small", "base", "paper"):
-                raise SiteRefused(f"query: unknown preset {preset!r}")
-            agent.install_backbone(sha, preset, {k: v.numpy() for k, v in msg.content["backbone"].items()})
-            has = True
-        else:
-            raise SiteRefused(f"query: unknown action {action!r}")
-    except (SiteRefused, SiteConfigError) as exc:
-        return _refuse(msg, exc, agent)
+    agent = ex.agent = _agent(resolve(context))
+    ex.action, sha = _query(ex.msg)
+    if ex.action == "has-backbone":
+        has = agent.has_backbone(sha)
+    else:
+        preset = str(ex.msg.content["config"]["preset"])
+        payload = {k: v.numpy() for k, v in _record(ex.msg, "backbone", ArrayRecord).items()}
+        agent.install_backbone(sha, preset, payload)
+        has = True
+    metrics = {"has-backbone": int(has)}
     AuditLog(agent.config.state_dir).append(AuditRecord.describe(
-        run_id=f"flower-{msg.metadata.run_id}", round=0, message_type=f"query:{action}", arrays={},
-        metrics={"has-backbone": int(has)}, site=agent.config.site))
-    return Message(content=RecordDict({"metrics": MetricRecord({"has-backbone": int(has)}),
-                                       SITE_RECORD: ConfigRecord({"name": agent.config.site})}), reply_to=msg)
+        run_id=f"flower-{ex.msg.metadata.run_id}", round=0, message_type=f"query:{ex.action}", arrays={},
+        metrics=metrics, site=agent.config.site))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(agent)}),
+                   reply_to=ex.msg)
 
 
 def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
