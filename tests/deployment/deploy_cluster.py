@@ -1,5 +1,6 @@
 """A real Flower deployment on 127.0.0.1 for tests: one TLS SuperLink with node
-authentication, hospitals' SuperNodes, and the `flwr` CLI, all as separate processes.
+authentication, hospitals' SuperNodes pinned to the signed release (--trusted-entities),
+and the `flwr` CLI, all as separate processes.
 
 Every process is started in its own session (process group) so that it and the
 SuperExec/app processes it spawns are stopped together (`killpg`), whatever happens
@@ -76,6 +77,7 @@ class Cluster:
     hospitals: list[str]
     port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
+    published: bool = False    # the signed release is in this SuperLink's database
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,7 @@ class Cluster:
         init = guide.set_flag(guide.set_flag(init, "--out", str(self.pki.root)),
                               "--hospitals", ",".join(self.hospitals))
         assert cli_main(init[1:]) == 0, init
+        self._make_release_key()
         self.flwr_home = self.root / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
@@ -91,12 +94,54 @@ class Cluster:
             f'root-certificates = "{self.pki.ca_cert}"\n')
         self.env = dict(os.environ, FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_UPDATE_CHECK="1",
                         FLWR_TELEMETRY_ENABLED="0",
+                        # never reach Flower Hub (the SuperLink refreshes "Hub" apps, see provisioning.md)
+                        FLWR_SUPERGRID_API_URL="http://127.0.0.1:9/v1",
                         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                         PYTHONUNBUFFERED="1")
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    # -- app pinning ----------------------------------------------------------------
+    @property
+    def release_dir(self) -> Path:
+        return self.root / "release"
+
+    @property
+    def release_fab(self) -> Path:
+        return self.release_dir / "pasta-fed-0.1.0.fab"
+
+    def _make_release_key(self) -> None:
+        """The release manager's key (provisioning guide), and each hospital's handout trusting it."""
+        keygen = guide.command("pasta-fed", "app", "keygen", docs=(guide.PROVISIONING,))
+        assert cli_main(guide.set_flag(keygen, "--out", str(self.release_dir))[1:]) == 0
+        self.release_pub = self.release_dir / "release.pub"
+        for hospital in self.hospitals:
+            handout = guide.fill(guide.command("pasta-fed", "certs", "handout"),
+                                 {"alpha": hospital, "superlink.example.org:8000": self.address})
+            handout = guide.set_flag(guide.set_flag(handout, "--out", str(self.pki.root)),
+                                     "--release-key", str(self.release_pub))
+            assert cli_main(handout[1:]) == 0, handout
+            assert self.pki.hospital_trusted_entities(hospital).is_file()
+
+    def sign_release(self) -> Path:
+        """The release manager signs this checkout (provisioning guide's `app sign`), once."""
+        if not self.release_fab.is_file():
+            sign = guide.command("pasta-fed", "app", "sign", docs=(guide.PROVISIONING,))
+            for flag, value in (("--key", self.release_dir / "release.key"), ("--app", REPO),
+                                ("--out", self.release_fab)):
+                sign = guide.set_flag(sign, flag, str(value))
+            assert cli_main(sign[1:]) == 0, sign
+        return self.release_fab
+
+    def publish_release(self) -> None:
+        """The coordinator guide's `pasta-fed app publish` into this SuperLink's database."""
+        publish = guide.fill(guide.command("pasta-fed", "app", "publish"),
+                             {"pasta-fed-0.1.0.fab": str(self.sign_release())})
+        publish = guide.set_flag(publish, "--database", str(self.root / "superlink.db"))
+        assert cli_main(publish[1:]) == 0, publish
+        self.published = True
 
     # -- processes ------------------------------------------------------------------
     def spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> Proc:
@@ -141,6 +186,7 @@ class Cluster:
         key = folder / f"{hospital}.key"
         shutil.copy(self.pki.hospital_key(hospital), key)
         key.chmod(0o600)
+        shutil.copy(self.pki.hospital_trusted_entities(hospital), folder / "trusted-entities.yaml")
         return folder
 
     def supernode_command(self, hospital: str, config: Path | None, *, key: bool = True, ca: bool = True,
@@ -207,12 +253,19 @@ class Cluster:
         raise AssertionError(f"{count} SuperNode(s) not online after {timeout}s: {nodes}\n" + self.logs())
 
     def run_app(self, pretrained: Path, run_dir: Path, **overrides: object) -> int:
-        """The guide's `flwr run . pasta-fed --run-config ...` from the project folder; returns the run id."""
+        """The guide's `flwr run @pasta-fed/pasta-fed pasta-fed --run-config ...` (the signed
+        release, published first if it is not yet); returns the run id."""
+        if not self.published:
+            self.publish_release()
         cmd = guide.fill(guide.command("flwr", "run"), {"/srv/pasta-fed/models/pasta.ckpt": str(pretrained),
                                                         "/srv/pasta-fed/runs/report-01": str(run_dir)})
         if overrides:   # a second --run-config: later values win
             cmd += ["--run-config", " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())]
-        res = self.run(cmd + ["--format", "json"], cwd=REPO)
+        return self.start_run(cmd)
+
+    def start_run(self, cmd: list[str]) -> int:
+        """Any `flwr run ...` (--format json); returns the run id."""
+        res = self.run(cmd + ["--format", "json"])
         assert res.returncode == 0, res.stdout + res.stderr
         return int(json.loads(res.stdout)["run-id"])
 

@@ -1,4 +1,5 @@
-"""The command lines of docs/coordinator-guide.md and docs/hospital-guide.md.
+"""The command lines of docs/coordinator-guide.md and docs/hospital-guide.md (and the
+release manager's, from docs/provisioning.md).
 
 The deployment tests do not keep their own copies of the commands a coordinator or a
 hospital types: they take each one from the guide (`command(...)`), substitute only
@@ -14,11 +15,15 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 COORDINATOR = DOCS / "coordinator-guide.md"
 HOSPITAL = DOCS / "hospital-guide.md"
+PROVISIONING = DOCS / "provisioning.md"   # the release manager's `pasta-fed app keygen/sign`
 
 # prefix -> the test that runs that guide command
 EXERCISED: dict[tuple[str, ...], str] = {
     ("pasta-fed", "certs", "init"): "cluster.Cluster (every deployment test)",
-    ("pasta-fed", "certs", "handout"): "test_deployment.test_two_round_dp_run_over_tls",
+    ("pasta-fed", "certs", "handout"): "cluster.Cluster (every hospital's trusted-entities.yaml)",
+    ("pasta-fed", "app", "publish"): "cluster.Cluster.publish_release (every run)",
+    ("pasta-fed", "app", "fingerprint"): "test_deployment.test_two_round_dp_run_over_tls",
+    ("pasta-fed", "app", "verify"): "test_deployment.test_two_round_dp_run_over_tls",
     ("flower-superlink",): "cluster.Cluster.start_superlink (every deployment test)",
     ("flwr", "supernode", "register"): "cluster.Cluster.register (every deployment test)",
     ("flwr", "supernode", "list"): "cluster.Cluster.nodes",
@@ -53,9 +58,11 @@ def all_commands() -> list[list[str]]:
     return commands(COORDINATOR) + commands(HOSPITAL)
 
 
-def command(*prefix: str, index: int = 0, contains: str | None = None) -> list[str]:
+def command(*prefix: str, index: int = 0, contains: str | None = None,
+            docs: tuple[Path, ...] | None = None) -> list[str]:
     """The guide command starting with `prefix` (the `index`-th one, or the one holding `contains`)."""
-    found = [c for c in all_commands() if tuple(c[:len(prefix)]) == prefix
+    pool = all_commands() if docs is None else [c for d in docs for c in commands(d)]
+    found = [c for c in pool if tuple(c[:len(prefix)]) == prefix
              and (contains is None or contains in c)]
     if len(found) <= index:
         raise AssertionError(f"no command {' '.join(prefix)!r} (#{index}, containing {contains!r}) in the guides")

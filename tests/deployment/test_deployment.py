@@ -16,8 +16,12 @@ import pytest
 import deploy_guides as guide
 from conftest import hospitals
 from deploy_cluster import Cluster
+from flwr.common.constant import ErrorCode
+
 from client.privacy.audit import AuditLog
-from simulation.cli import main as cli_main
+from foreign_app import write_foreign_app
+from server.certs import app_signing
+from server.certs.app_publish import store_signed_app
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +73,20 @@ def test_two_round_dp_run_over_tls(cluster_factory, pretrained, tmp_path):
     res = cluster.run(guide.command("pasta-fed", "client", "check"), cwd=configs["alpha"].parent)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "report" in res.stdout
-    # the coordinator's handout for a hospital (coordinator guide, step 2)
-    handout = guide.set_flag(guide.command("pasta-fed", "certs", "handout"), "--out", str(cluster.pki.root))
-    assert cli_main(handout[1:]) == 0
+    # the hospital checks the release key it was handed (hospital guide, step 2)
+    res = cluster.run(guide.command("pasta-fed", "app", "fingerprint"), cwd=cluster.hospital_folder("alpha", configs["alpha"]))
+    assert res.returncode == 0, res.stdout + res.stderr
+    release_key = app_signing.load_public_key(cluster.release_pub)
+    assert res.stdout.split() == [app_signing.key_id(release_key), app_signing.fingerprint(release_key)]
 
     _start_federation(cluster, configs)
+    _foreign_apps_are_refused(cluster, configs, tmp_path)
+    # and the hospital can check the release itself
+    verify = guide.fill(guide.command("pasta-fed", "app", "verify"),
+                        {"pasta-fed-0.1.0.fab": str(cluster.release_fab)})
+    res = cluster.run(verify, cwd=configs["alpha"].parent)
+    assert res.returncode == 0 and app_signing.key_id(release_key) in res.stdout, res.stdout + res.stderr
+
     run_dir = tmp_path / "RUN"
     run_id = cluster.run_app(pretrained, run_dir, **{"min-sites": 3, "local-epochs": 1,
                                                      "round-timeout": ROUND_TIMEOUT})
@@ -120,6 +133,42 @@ def test_two_round_dp_run_over_tls(cluster_factory, pretrained, tmp_path):
     res = cluster.run(predict, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert any((tmp_path / "prediction").iterdir())
+
+
+def _refused(cluster: Cluster, configs: dict[str, Path], run_id: int, loot: Path, log_line: str) -> None:
+    """The foreign run got one error reply per site and nothing of any labels.csv."""
+    assert cluster.wait_finished(run_id, 240).startswith("finished"), cluster.logs()
+    got = json.loads(loot.read_text(encoding="utf-8"))     # what the coordinator's ServerApp received
+    assert got["asked"] == len(configs) and len(got["replies"]) == len(configs), got
+    for reply in got["replies"]:
+        assert reply["error"] and reply["code"] == ErrorCode.INVALID_FAB, reply
+        assert "content" not in reply and "could not be verified" in reply["reason"], reply
+    coordinator_side = loot.read_bytes() + (cluster.root / "superlink.db").read_bytes()
+    for name, config in configs.items():
+        rows = (config.parent / "data" / "labels.csv").read_text(encoding="utf-8").splitlines()[1:]
+        assert rows and not any(row.encode() in coordinator_side for row in rows), name
+        log = next(p for p in cluster.procs if p.name == f"supernode-{name}").text()
+        assert log_line in log, log          # the refusal is in the hospital's own log
+        assert "Start `flwr-clientapp` process" not in log, log    # no foreign code ran
+
+
+def _foreign_apps_are_refused(cluster: Cluster, configs: dict[str, Path], tmp_path: Path) -> None:
+    """The attack the pinning closes: a coordinator's own ClientApp asking for labels.csv."""
+    # 1. submitted with `flwr run DIR` (uploaded, so stored without signatures)
+    loot = tmp_path / "loot-upload.json"
+    app = write_foreign_app(tmp_path / "mallory")
+    run_id = cluster.start_run(["flwr", "run", str(app), "pasta-fed", "--run-config", f"out='{loot}'"])
+    _refused(cluster, configs, run_id, loot, "App verification is not supported by the connected SuperLink")
+    # 2. stored under the release's own app id with the release's signatures copied over
+    #    (a malicious SuperLink can write anything into its state)
+    cluster.publish_release()
+    record = app_signing.read_record(app_signing.signature_path(cluster.release_fab))
+    hijack = app_signing.build_fab(write_foreign_app(tmp_path / "mallory2", name="pasta-fed", publisher="pasta-fed"))
+    store_signed_app(cluster.root / "superlink.db", hijack, app_signing.flower_verifications(record))
+    loot = tmp_path / "loot-hijack.json"
+    run_id = cluster.start_run(["flwr", "run", "@pasta-fed/pasta-fed", "pasta-fed", "--run-config", f"out='{loot}'"])
+    _refused(cluster, configs, run_id, loot, "FAB verification failed")
+    cluster.publish_release()     # the genuine release again
 
 
 def test_only_registered_tls_supernodes_get_in(cluster_factory):

@@ -33,9 +33,20 @@ def test_guide_commands_are_the_deployment_essentials():
         assert flag in link, flag
     assert "--insecure" not in link
     node = guide.command("flower-supernode")
-    assert {"--root-certificates", "--auth-supernode-private-key", "--node-config"} <= set(node)
+    assert {"--root-certificates", "--auth-supernode-private-key", "--node-config",
+            "--trusted-entities"} <= set(node)                  # app pinning
     assert "--insecure" not in node
-    assert guide.command("flwr", "run")[:4] == ["flwr", "run", ".", "pasta-fed"]
+    # the coordinator runs the published release by its app id, the one pyproject.toml names
+    import tomllib
+    app = tomllib.loads((guide.DOCS.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    app_id = f"@{app['tool']['flwr']['app']['publisher']}/{app['project']['name']}"
+    assert guide.command("flwr", "run")[:4] == ["flwr", "run", app_id, "pasta-fed"]
+    assert all(c[2].startswith("@") for c in guide.all_commands() if c[:2] == ["flwr", "run"])
+    # the release the coordinator publishes is the one the release manager signs
+    sign = guide.command("pasta-fed", "app", "sign", docs=(guide.PROVISIONING,))
+    publish = guide.command("pasta-fed", "app", "publish")
+    assert publish[3] == sign[sign.index("--out") + 1]
+    assert publish[publish.index("--database") + 1] == link[link.index("--database") + 1]
     run_config = guide.command("flwr", "run")[guide.command("flwr", "run").index("--run-config") + 1]
     from flwr.common.config import parse_config_args
     from server.settings import RunSettings
@@ -46,10 +57,13 @@ def test_guide_commands_are_the_deployment_essentials():
 
 def test_hospital_guide_supernode_command_matches_handout(tmp_path):
     """The guide's SuperNode command is the one `pasta-fed certs handout` prints."""
-    from server.certs import init_consortium, make_handout
+    from server.certs import generate_release_key, init_consortium, make_handout
     init_consortium(tmp_path / "c", ["superlink.example.org", "127.0.0.1"], ["alpha"])
-    handout = make_handout(tmp_path / "c", "alpha", "superlink.example.org:8000")
+    release = generate_release_key(tmp_path / "release")
+    handout = make_handout(tmp_path / "c", "alpha", "superlink.example.org:8000",
+                           release_keys=[release.public_key])
     assert guide.command("flower-supernode") == handout.supernode_command
+    assert handout.trusted_entities.name == "trusted-entities.yaml"
 
 
 def test_install_target_exists():

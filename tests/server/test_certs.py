@@ -304,19 +304,33 @@ def doc_commands(program: str) -> list[list[str]]:
 
 
 def test_guide_commands_run_as_written(tmp_path, monkeypatch):
-    """Every `pasta-fed certs` and `openssl` line of the guide, in order, succeeds."""
+    """Every `pasta-fed` and `openssl` line of the guide, in order, succeeds (the
+    release is signed from this checkout: `--app .` is the repository)."""
     monkeypatch.chdir(tmp_path)
-    certs = doc_commands("pasta-fed")
-    assert [c[:3] for c in certs] == [["pasta-fed", "certs", "init"],
-                                      ["pasta-fed", "certs", "add-hospital"],
-                                      ["pasta-fed", "certs", "handout"],
-                                      ["pasta-fed", "certs", "renew-server"]]
-    for cmd in certs:
+    commands = doc_commands("pasta-fed")
+    assert [c[:3] for c in commands] == [["pasta-fed", "certs", "init"],
+                                         ["pasta-fed", "certs", "add-hospital"],
+                                         ["pasta-fed", "app", "keygen"],
+                                         ["pasta-fed", "app", "sign"],
+                                         ["pasta-fed", "certs", "handout"],
+                                         ["pasta-fed", "app", "publish"],
+                                         ["pasta-fed", "certs", "renew-server"]]
+    _superlink_database(tmp_path / "superlink.db")   # what flower-superlink --database superlink.db made
+    for cmd in commands:
+        if cmd[1:3] == ["app", "sign"]:
+            cmd[cmd.index("--app") + 1] = str(DOC.parents[1])
         assert run_cli(*cmd[1:]) == 0, cmd
     if shutil.which("openssl"):
         for cmd in doc_commands("openssl"):
             subprocess.run(cmd, check=True, capture_output=True)
     assert Layout(tmp_path / "consortium").hospitals() == ["alpha", "beta", "delta", "gamma"]
+    assert Layout(tmp_path / "consortium").hospital_trusted_entities("alpha").is_file()
+
+
+def _superlink_database(path: Path) -> None:
+    from flwr.superlink.config_loader import get_objectstore_linkstate_factories
+    from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+    get_objectstore_linkstate_factories(str(path), NoOpFederationManager())[1].state()
 
 
 @pytest.fixture(scope="module")
