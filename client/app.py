@@ -19,19 +19,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.privacy.audit import AuditLog, AuditRecord
-from client.privacy.outbox import DEFAULT_ALLOWED_METRICS, OutboxPolicy, OutboxRefused, release
+from client.privacy.dp_metrics import released_metric_names
+from client.privacy.outbox import DP_METRICS, OutboxPolicy, OutboxRefused, release
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.task import SiteAgent, SiteRefused
-from pasta_model.finetune import METRIC_NAMES
-from pasta_model.protocol import (TRAIN_LOSS, ErrorCode, ProtocolError, RoundConfig, check_incoming_heads,
-                                  error_message)
+from pasta_model.protocol import ErrorCode, ProtocolError, RoundConfig, check_incoming_heads, error_message
 from synth.atomic import clean_stale_temp_files
 
 log = logging.getLogger(__name__)
 
 NODE_CONFIG_KEY = "hospital-config"
 SITE_RECORD = "site"
-ALLOWED_METRICS = DEFAULT_ALLOWED_METRICS | METRIC_NAMES | {TRAIN_LOSS}
+# DP bookkeeping and what a DP evaluation releases; nothing un-noised (no loss, no c-index)
+ALLOWED_METRICS = DP_METRICS | released_metric_names()
 PRESETS = ("tiny", "small", "base", "paper")
 QUERY_KEYS = frozenset({"action", "backbone-sha256", "preset"})
 
@@ -178,11 +178,12 @@ def handle_train(ex: _Exchange, context: Context, resolve: SiteResolver) -> Mess
 def handle_evaluate(ex: _Exchange, context: Context, resolve: SiteResolver) -> Message:
     agent = ex.agent = _agent(resolve(context))
     config, incoming = _round_inputs(ex.msg, ex)
-    metrics = agent.evaluate(config, incoming)
+    evaluation = agent.evaluate(config, incoming)
+    metrics = evaluation.metrics
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(agent)})
     release(AuditLog(agent.config.state_dir), run_id=config.run_id, round=config.server_round,
-            message_type="evaluate", arrays={}, metrics=metrics,
-            policy=_policy(agent.config, config.task), site=agent.config.site)
+            message_type="evaluate", arrays={}, metrics=metrics, metric_cases=evaluation.cases,
+            withheld=evaluation.withheld, policy=_policy(agent.config, config.task), site=agent.config.site)
     return Message(content=content, reply_to=ex.msg)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SiteConfig", "DataConfig", "PrivacyConfig", "SiteConfigError", "load_site_config"]
+__all__ = ["SiteConfig", "DataConfig", "PrivacyConfig", "BackbonePolicy", "SiteConfigError", "load_site_config"]
 
 _SITE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -37,9 +37,25 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    max_epsilon: float           # the site's budget for the whole life of a model
+    max_epsilon: float           # the site's one budget: everything released from its patients
     delta: float
     max_grad_norm: float
+    evaluation_share: float = 0.1   # share of max_epsilon for DP evaluation replies (0: none)
+
+
+BACKBONE_POLICIES = ("any", "listed", "none")
+
+
+@dataclass(frozen=True)
+class BackbonePolicy:
+    """Which backbones the coordinator may install here (all share the site's one budget)."""
+    accept_from_coordinator: str = "any"        # any | listed | none
+    allowed_sha256: tuple[str, ...] = ()        # with "listed"
+
+    def allows(self, sha256: str) -> bool:
+        if self.accept_from_coordinator == "any":
+            return True
+        return self.accept_from_coordinator == "listed" and sha256 in self.allowed_sha256
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,7 @@ class SiteConfig:
     privacy: PrivacyConfig
     state_dir: Path              # ledger, audit log, caches: the only place the agent writes
     backbone: Path | None = None
+    backbones: BackbonePolicy = BackbonePolicy()
     device: str = "auto"
     min_cases_for_metrics: int = 5
     source: Path | None = None   # the YAML this came from (for messages)
@@ -153,6 +170,26 @@ def _check_cuda(name: str) -> None:
         raise _Bad(f"{name} requested, but this host has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
 
 
+def _share(value: Any) -> float:
+    number = _number(value)
+    if not 0 <= number < 1:
+        raise _Bad(f"must be at least 0 and below 1, got {value!r}")
+    return number
+
+
+def _policy(value: Any) -> str:
+    if value not in BACKBONE_POLICIES:
+        raise _Bad(f"must be one of {', '.join(BACKBONE_POLICIES)}, got {value!r}")
+    return value
+
+
+def _sha_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+                                              for v in value):
+        raise _Bad("must be a list of SHA-256 hashes (64 lowercase hex digits)")
+    return tuple(value)
+
+
 def _min_cases(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _Bad(f"must be an integer >= 1, got {value!r}")
@@ -194,6 +231,18 @@ class _Reader:
                 raise self.fail(f"{prefix}{key}", f"unknown key (allowed: {allowed})")
 
 
+def _backbone_policy(r: "_Reader", raw: dict) -> BackbonePolicy:
+    policy_raw = r.take(raw, "", "backbones", _mapping, required=False, default={})
+    r.no_unknown(policy_raw, "backbones.", {"accept_from_coordinator", "allowed_sha256"})
+    policy = BackbonePolicy(
+        accept_from_coordinator=r.take(policy_raw, "backbones.", "accept_from_coordinator", _policy,
+                                       required=False, default="any"),
+        allowed_sha256=r.take(policy_raw, "backbones.", "allowed_sha256", _sha_list, required=False, default=()))
+    if policy.accept_from_coordinator == "listed" and not policy.allowed_sha256:
+        raise r.fail("backbones.allowed_sha256", "is required (and non-empty) with accept_from_coordinator: listed")
+    return policy
+
+
 def _check_patient_ids(r: _Reader, data: DataConfig) -> None:
     """DP counts patients: labels without patient_id would count each scan as a patient."""
     if data.labels is None or data.one_scan_per_patient:
@@ -224,7 +273,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     r = _Reader(file)
     if not isinstance(raw, dict):
         raise SiteConfigError(f"{file}: top level must be a mapping, got {type(raw).__name__}")
-    r.no_unknown(raw, "", {"site", "data", "privacy", "backbone", "state_dir", "device",
+    r.no_unknown(raw, "", {"site", "data", "privacy", "backbone", "backbones", "state_dir", "device",
                            "min_cases_for_metrics"})
 
     data_raw = r.take(raw, "", "data", _mapping)
@@ -245,12 +294,14 @@ def load_site_config(path: str | Path) -> SiteConfig:
     _check_patient_ids(r, data)
 
     privacy_raw = r.take(raw, "", "privacy", _mapping)
-    r.no_unknown(privacy_raw, "privacy.", {"max_epsilon", "delta", "max_grad_norm"})
+    r.no_unknown(privacy_raw, "privacy.", {"max_epsilon", "delta", "max_grad_norm", "evaluation_share"})
     privacy = PrivacyConfig(
         max_epsilon=r.take(privacy_raw, "privacy.", "max_epsilon", _positive),
         delta=r.take(privacy_raw, "privacy.", "delta", _delta),
         max_grad_norm=r.take(privacy_raw, "privacy.", "max_grad_norm", _positive),
+        evaluation_share=r.take(privacy_raw, "privacy.", "evaluation_share", _share, required=False, default=0.1),
     )
+    backbones = _backbone_policy(r, raw)
 
     config = SiteConfig(
         site=r.take(raw, "", "site", _site_name),
@@ -258,6 +309,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         privacy=privacy,
         state_dir=r.path(raw, "", "state_dir"),
         backbone=r.path(raw, "", "backbone", required=False),
+        backbones=backbones,
         device=r.take(raw, "", "device", _device, required=False, default="auto"),
         min_cases_for_metrics=r.take(raw, "", "min_cases_for_metrics", _min_cases,
                                      required=False, default=5),

@@ -131,9 +131,32 @@ class AuditLog:
             if self._ends_torn():  # a crash mid-append left half a line: keep it on its own line
                 line = b"\n" + line
             append_durable(self.path, line)
+            self.last_sha256 = hashlib.sha256(line.strip(b"\n")).hexdigest()
         log.info("audit: %s %s round %s run %s: %d tensor(s), %d bytes, sha256 %s", record.status,
                  record.message_type, record.round, record.run_id, len(record.keys), record.bytes, record.sha256[:12])
         return record
+
+    def append_charge(self, entry, entries_after: int) -> str:
+        """Record a privacy charge (a ledger entry being reserved); returns the line's SHA-256.
+
+        The mechanism's parameters are in the record, so the site's whole epsilon can be
+        recomputed from the audit log alone, and the ledger keeps the returned hash.
+        """
+        record = AuditRecord.describe(
+            run_id=entry.run_id, round=entry.round, message_type=f"charge:{entry.kind}", arrays={},
+            status="charged", site=None,
+            metrics={"attempt": entry.attempt, "noise-multiplier": entry.noise_multiplier,
+                     "sample-rate": entry.sample_rate, "steps": entry.steps, "epsilon": entry.epsilon_after,
+                     "delta": entry.delta, "ledger-entries": entries_after, "kind": entry.kind,
+                     "task": entry.task, "backbone": entry.backbone})
+        self.append(record)
+        return self.last_sha256
+
+    def line_hashes(self) -> list[str]:
+        """SHA-256 of every non-empty line, in order (what `prev` and ledger anchors refer to)."""
+        if not self.path.exists():
+            return []
+        return [hashlib.sha256(raw).hexdigest() for raw in self.path.read_bytes().splitlines() if raw.strip()]
 
     def _ends_torn(self) -> bool:
         if not self.path.exists() or self.path.stat().st_size == 0:

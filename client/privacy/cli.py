@@ -1,4 +1,4 @@
-"""`pasta-fed client ledger`: the site's privacy spent and remaining, per model."""
+"""`pasta-fed client ledger` and `client audit`: the site's privacy spent, and whether its records agree."""
 from __future__ import annotations
 
 import argparse
@@ -6,72 +6,93 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from .ledger import LedgerError, PrivacyLedger, list_ledgers
 
-
-def _format(summary: dict, others: list[str]) -> str:
-    lines = [f"site {summary['site']}  model {summary['model_key'] or '-'}  accountant {summary['mechanism']}",
+def _format(summary: dict) -> str:
+    lines = [f"site {summary['site']}  accountant {summary['mechanism']}",
              f"epsilon spent {summary['epsilon']:.4f} of {summary['max_epsilon']:g} "
-             f"(remaining {summary['remaining_epsilon']:.4f}) at delta {summary['delta']:g}"]
+             f"(remaining {summary['remaining_epsilon']:.4f}) at delta {summary['delta']:g}, "
+             f"over every backbone, task, run and attempt"]
     if summary["history"]:
-        lines.append(f"{'run':<20} {'round':>5} {'try':>3} {'task':<9} {'sigma':>8} {'q':>9} {'steps':>6} "
-                     f"{'eps after':>9}  status")
+        lines.append(f"{'run':<20} {'round':>5} {'try':>3} {'kind':<8} {'task':<9} {'sigma':>8} {'q':>9} "
+                     f"{'steps':>6} {'eps after':>9}  status")
         for e in summary["history"]:
-            lines.append(f"{str(e['run_id'])[:20]:<20} {e['round']:>5} {e['attempt']:>3} {str(e['task'] or '-'):<9} "
-                         f"{e['noise_multiplier']:>8.4f} {e['sample_rate']:>9.5f} {e['steps']:>6} "
-                         f"{e['epsilon_after']:>9.4f}  {e['status']}")
+            lines.append(f"{str(e['run_id'])[:20]:<20} {e['round']:>5} {e['attempt']:>3} {e['kind']:<8} "
+                         f"{str(e['task'] or '-'):<9} {e['noise_multiplier']:>8.4f} {e['sample_rate']:>9.5f} "
+                         f"{e['steps']:>6} {e['epsilon_after']:>9.4f}  {e['status']}")
+        if len(summary["by_backbone"]) > 1:
+            lines.append("per backbone (a report; the budget is the total above): " + ", ".join(
+                f"{k[:12]} {v:.4f}" for k, v in summary["by_backbone"].items()))
     else:
-        lines.append("no rounds trained yet")
-    if others:
-        lines.append(f"other models in this state_dir: {', '.join(others)} (use --model)")
+        lines.append("nothing released yet")
     return "\n".join(lines)
 
 
-def run_ledger(args: argparse.Namespace) -> int:
+def _site(args):
     from client.site_config import SiteConfigError, load_site_config
-
     try:
-        config = load_site_config(args.config)
+        return load_site_config(args.config)
     except SiteConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def run_ledger(args: argparse.Namespace) -> int:
+    from .ledger import LedgerError, PrivacyLedger
+
+    config = _site(args)
+    if config is None:
         return 2
-    paths = list_ledgers(config.state_dir)
-    keys = [p.name[len("ledger-"):-len(".json")] for p in paths]
     try:
-        if args.model:
-            if args.model not in keys:
-                print(f"error: no ledger for model {args.model!r} in {config.state_dir}/privacy "
-                      f"(found: {', '.join(keys) or 'none'})", file=sys.stderr)
-                return 1
-            ledger = PrivacyLedger.load(paths[keys.index(args.model)])
-        elif paths:
-            ledger = PrivacyLedger.load(paths[0])  # the most recently updated model
-        else:
-            ledger = None
+        ledger = PrivacyLedger.open_site(config.state_dir)
     except LedgerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    privacy = config.privacy
-    if ledger is None:
-        summary = {"site": config.site, "model_key": None, "mechanism": "rdp", "delta": privacy.delta,
-                   "epsilon": 0.0, "max_epsilon": privacy.max_epsilon, "remaining_epsilon": privacy.max_epsilon,
-                   "history": []}
-    else:
-        summary = ledger.summary(privacy.delta, privacy.max_epsilon, site=config.site)
-    others = [k for k in keys if k != summary["model_key"]]
+    summary = ledger.summary(config.privacy.delta, config.privacy.max_epsilon, site=config.site)
     if args.json:
-        summary["other_models"] = others
         summary["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         print(json.dumps(summary, indent=2))
     else:
-        print(_format(summary, others))
+        print(_format(summary))
     return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from .ledger import LedgerError
+    from .tamper import inspect_state, repair_state
+
+    config = _site(args)
+    if config is None:
+        return 2
+    try:
+        report = repair_state(config.state_dir, site=config.site) if args.repair else \
+            inspect_state(config.state_dir, expect=args.expect)
+    except LedgerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        verdict = "repaired" if args.repair else ("consistent" if report.ok else "NOT CONSISTENT")
+        print(f"site {config.site}: ledger and audit log {verdict}")
+        print(f"audit log {report.audit_path}: {report.lines} line(s), {report.charges} charge(s)")
+        print(f"ledger {report.ledger_path}: {report.ledger_entries} entr(y/ies)")
+        print(f"audit head {report.head}  (keep it outside the site's state; check later with --expect)")
+        for problem in report.problems:
+            print(f"problem: {problem}")
+    return 0 if report.ok or args.repair else 1
 
 
 def register(client_subparsers) -> None:
     p = client_subparsers.add_parser("ledger", help="privacy spent and remaining (epsilon) at this site")
     p.add_argument("--config", required=True, help="site YAML")
-    p.add_argument("--model", help="model key (ledger-<KEY>.json); default: the most recently updated")
     p.add_argument("--json", action="store_true",
-                   help='print {"site","delta","epsilon","max_epsilon","history":[...]} (plus a few extra keys)')
+                   help='print {"site","delta","epsilon","max_epsilon","by_backbone","history":[...]}')
     p.set_defaults(func=run_ledger)
+
+    a = client_subparsers.add_parser("audit", help="check that the privacy ledger and the audit log agree")
+    a.add_argument("--config", required=True, help="site YAML")
+    a.add_argument("--expect", metavar="HASH", help="an audit head noted earlier: it must still be in the chain")
+    a.add_argument("--repair", action="store_true",
+                   help="add charges missing from the ledger back, acknowledge lost audit lines, log the repair")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.set_defaults(func=run_audit)

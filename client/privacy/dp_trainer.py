@@ -191,7 +191,8 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
     globals_ = _global_tensors(module, global_params, dev)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
 
-    # secure_mode (a CSPRNG for noise and sampling) is off: documented in docs/privacy.md.
+    # secure_mode (torchcsprng) is off; the generators are seeded from the OS CSPRNG per call
+    # (docs/privacy.md).
     warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
     # Heads on cached features: inputs never need gradients, which Opacus' hooks warn about.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -297,8 +298,12 @@ def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn:
 def private_round(ledger: PrivacyLedger, *, run_id: str, round: int, max_epsilon: float, delta: float,
                   head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, epochs: int,
                   batch_size: int, lr: float, noise_multiplier: float, max_grad_norm: float,
-                  task: str | None = None, replay: bool = False, **train_kwargs) -> DPTrainResult:
+                  task: str | None = None, replay: bool = False, backbone: str | None = None,
+                  **train_kwargs) -> DPTrainResult:
     """One federated round at a site: reserve its cost, train with the ledger's accountant, commit.
+
+    Noise and Poisson batches come from a fresh OS-CSPRNG seed per call unless `seed` is
+    given (simulations and tests only): a retried round never repeats an earlier attempt's noise.
 
     Raises ledger.BudgetExceeded before touching the head when the round does not fit;
     the ledger is durably updated before this returns (i.e. before any reply is sent).
@@ -310,11 +315,12 @@ def private_round(ledger: PrivacyLedger, *, run_id: str, round: int, max_epsilon
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     if train_kwargs.get("seed") is not None:
-        log.debug("private_round with a given seed: it must be secret to the site (client.task derives it "
-                  "from the site's noise secret); a seed anyone else knows voids the DP guarantee")
+        log.warning("private_round with a fixed seed: every call repeats the same noise, which voids the DP "
+                    "guarantee across attempts; only simulations and tests may do this")
     reservation = ledger.reserve(run_id=run_id, round=round, noise_multiplier=noise_multiplier,
                                  sample_rate=sched.sample_rate, steps=sched.steps_per_epoch * epochs,
-                                 max_epsilon=max_epsilon, delta=delta, task=task, replay=replay)
+                                 max_epsilon=max_epsilon, delta=delta, task=task, replay=replay,
+                                 backbone=backbone)
     accountant = reservation.accountant()
     result = train_head_dp(head, inputs, targets, loss_fn, epochs=epochs, batch_size=batch_size, lr=lr,
                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

@@ -1,9 +1,16 @@
-"""The site's privacy ledger: one Opacus accountant per model, for the model's whole life.
+"""The site's privacy ledger: one Opacus accountant for everything released from its patients.
 
-Privacy loss adds up over every local step of every round that touches the same
-patients, so the accountant's history (noise multiplier, sample rate, steps) is
-persisted in `state_dir/privacy/ledger-<model_key>.json` and restored into Opacus'
-own accountant class every time (we never compute epsilon ourselves).
+Privacy loss adds up over every release that touches the same patients -- every
+training step and every evaluation, of every task, backbone, run and attempt -- so the
+accountant's history (noise multiplier, sample rate, steps) is persisted in
+`state_dir/privacy/ledger-site.json` and restored into Opacus' own accountant class every
+time (we never compute epsilon ourselves). A backbone is not a new set of patients:
+ledgers of older versions, one per backbone (`ledger-bb-*.json`), are folded into the
+site ledger when it is opened (`open_site`).
+
+Every charge is also appended to the site's audit log (a "charge" record carrying the
+mechanism's parameters) and the ledger entry keeps that record's line hash: the two
+files vouch for each other (`client.privacy.tamper`).
 
 A round goes through two durable writes:
 
@@ -35,6 +42,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from synth.atomic import PRIVATE_MODE, write_atomic
 
+from .audit import AuditLog
+
 try:  # POSIX advisory lock: two processes of one site never lose each other's rounds
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX
@@ -47,6 +56,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "pasta-fed.privacy-ledger/1"
 MECHANISMS = ("rdp", "prv")
+SITE_KEY = "site"                 # the one ledger of a site's patients
+KINDS = ("train", "evaluate")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 HistoryItem = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as Opacus keeps it
@@ -73,7 +84,7 @@ class LedgerError(ValueError):
 
 
 def ledger_key(backbone_sha256: str) -> str:
-    """The lineage key of a model: its frozen backbone (all tasks share the patients, so one budget)."""
+    """The per-backbone key of earlier versions (`ledger-bb-<16 hex>.json`); kept to find and fold them."""
     sha = backbone_sha256.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{16,64}", sha):
         raise ValueError(f"backbone_sha256 must be hex (16-64 digits), got {backbone_sha256!r}")
@@ -133,12 +144,16 @@ class LedgerEntry:
     status: str          # "reserved" (cost counted, training not confirmed) | "committed" | "mismatch"
     time: float
     committed_time: float | None = None
+    kind: str = "train"              # "train" (DP-SGD steps) | "evaluate" (Gaussian noise on counts)
+    backbone: str | None = None      # SHA-256 of the frozen backbone the release was computed with
+    audit_sha256: str | None = None  # hash of the audit log's "charge" line for this entry
+    source: str | None = None        # the file an entry was folded in from (older per-backbone ledgers)
 
     def public(self) -> dict:
-        """The fields `pasta-fed client ledger --json` shows for each round."""
+        """The fields `pasta-fed client ledger --json` shows for each release."""
         return {k: getattr(self, k) for k in
-                ("run_id", "round", "attempt", "task", "noise_multiplier", "sample_rate", "steps",
-                 "epsilon_after", "status")}
+                ("run_id", "round", "attempt", "kind", "task", "backbone", "noise_multiplier", "sample_rate",
+                 "steps", "epsilon_after", "status")}
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,7 @@ class Reservation:
     history_before: tuple[HistoryItem, ...]
     history_after: tuple[HistoryItem, ...]
     epsilon_after: float
+    kind: str = "train"
 
     def accountant(self) -> "IAccountant":
         """The ledger's accountant as it was before this round; Opacus appends this round's steps."""
@@ -168,21 +184,58 @@ class PrivacyLedger:
     mechanism: str = "rdp"
     history: list[HistoryItem] = field(default_factory=list)
     entries: list[LedgerEntry] = field(default_factory=list)
+    audit: "AuditLog | None" = field(default=None, repr=False, compare=False)
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
-    def open(cls, state_dir: str | os.PathLike, model_key: str, mechanism: str = "rdp") -> "PrivacyLedger":
-        """Load the model's ledger from `state_dir`, or start an empty one (written on first reserve)."""
+    def open(cls, state_dir: str | os.PathLike, model_key: str, mechanism: str = "rdp",
+             audited: bool = True) -> "PrivacyLedger":
+        """Load a ledger from `state_dir`, or start an empty one (written on first reserve).
+
+        `audited`: every charge also goes to the state_dir's audit log (the site's way).
+        """
         path = ledger_path(state_dir, model_key)
+        audit = AuditLog(state_dir) if audited else None
         if path.exists():
             ledger = cls.load(path)
             if ledger.mechanism != mechanism:
                 raise LedgerError(f"{path}: ledger uses accountant {ledger.mechanism!r}, asked for "
                                   f"{mechanism!r}; one accountant per model for its whole life")
+            ledger.audit = audit
             return ledger
         if mechanism not in MECHANISMS:
             raise ValueError(f"accountant mechanism {mechanism!r} unknown; valid: {', '.join(MECHANISMS)}")
-        return cls(path=path, model_key=model_key, mechanism=mechanism)
+        return cls(path=path, model_key=model_key, mechanism=mechanism, audit=audit)
+
+    @classmethod
+    def open_site(cls, state_dir: str | os.PathLike, mechanism: str = "rdp") -> "PrivacyLedger":
+        """The site's one ledger, with any older per-backbone ledgers folded in (their cost kept)."""
+        ledger = cls.open(state_dir, SITE_KEY, mechanism)
+        legacy = sorted(p for p in ledger.path.parent.glob("ledger-bb-*.json"))
+        if legacy:
+            ledger._fold(legacy)
+        return ledger
+
+    def _fold(self, paths: Sequence[Path]) -> None:
+        """Add the histories and entries of older per-backbone ledgers, then retire their files."""
+        with self._locked():
+            self.reload()
+            for path in paths:
+                old = PrivacyLedger.load(path)
+                if old.mechanism != self.mechanism:
+                    raise LedgerError(f"{path}: uses accountant {old.mechanism!r}, the site ledger "
+                                      f"{self.path} uses {self.mechanism!r}; cannot compose them")
+                for n, q, s in old.history:
+                    self.history = merge_history(self.history, n, q, s)
+                for entry in old.entries:
+                    entry.source = path.name
+                    entry.backbone = entry.backbone or old.model_key
+                    self.entries.append(entry)
+                log.warning("%s: folded into the site ledger %s (one budget for the site's patients)",
+                            path, self.path)
+            self._write()
+            for path in paths:
+                os.replace(path, path.with_name(path.name + ".folded"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PrivacyLedger":
@@ -225,25 +278,42 @@ class PrivacyLedger:
                      max_epsilon: float, delta: float) -> bool:
         return self.epsilon_if(noise_multiplier, sample_rate, steps, delta) > max_epsilon
 
-    def attempts(self, run_id: str, round: int) -> list[LedgerEntry]:
-        return [e for e in self.entries if e.run_id == run_id and e.round == round]
+    def attempts(self, run_id: str, round: int, kind: str = "train") -> list[LedgerEntry]:
+        return [e for e in self.entries if e.run_id == run_id and e.round == round and e.kind == kind]
+
+    def by_backbone(self, delta: float) -> dict[str, float]:
+        """Epsilon of each backbone's releases alone: a report, never the budget (that is `epsilon`)."""
+        histories: dict[str, list[HistoryItem]] = {}
+        for e in self.entries:
+            key = e.backbone or "unknown"
+            histories[key] = merge_history(histories.get(key, []), e.noise_multiplier, e.sample_rate, e.steps)
+        return {key: epsilon_of(self.mechanism, hist, delta) for key, hist in histories.items()}
 
     def summary(self, delta: float, max_epsilon: float | None = None, site: str | None = None) -> dict:
         eps = self.epsilon(delta)
         out = {"site": site, "model_key": self.model_key, "mechanism": self.mechanism, "delta": delta,
                "epsilon": eps, "max_epsilon": max_epsilon,
                "remaining_epsilon": None if max_epsilon is None else max(0.0, max_epsilon - eps),
+               "by_backbone": self.by_backbone(delta),
                "history": [e.public() for e in self.entries]}
         return out
 
     # ---- writing -------------------------------------------------------------------
     def reserve(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
-                max_epsilon: float, delta: float, task: str | None = None, replay: bool = False) -> Reservation:
-        """Check the budget and durably charge a round's cost before it is trained."""
+                max_epsilon: float, delta: float, task: str | None = None, replay: bool = False,
+                kind: str = "train", backbone: str | None = None) -> Reservation:
+        """Check the budget and durably charge a release's cost before it is computed.
+
+        The charge is appended to the audit log first, then the ledger entry (holding that
+        line's hash) is written: a crash in between leaves a charge the ledger lacks, which
+        `tamper.check_state` reports and `client audit --rebuild-ledger` adds back.
+        """
         _check_round_args(noise_multiplier, sample_rate, steps, max_epsilon, delta)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         with self._locked():
             self.reload()
-            previous = self.attempts(run_id, round)
+            previous = self.attempts(run_id, round, kind)
             if previous and not replay:
                 raise DuplicateRound(
                     f"round {round} of run {run_id!r} is already in the privacy ledger {self.path} "
@@ -259,17 +329,19 @@ class PrivacyLedger:
             entry = LedgerEntry(run_id=str(run_id), round=int(round), attempt=len(previous) + 1, task=task,
                                 noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate),
                                 steps=int(steps), delta=float(delta), epsilon_after=eps_after,
-                                status="reserved", time=time.time())
+                                status="reserved", time=time.time(), kind=kind, backbone=backbone)
+            if self.audit is not None:
+                entry.audit_sha256 = self.audit.append_charge(entry, entries_after=len(self.entries) + 1)
             before = tuple(self.history)
             self.history = after_hist
             self.entries.append(entry)
             self._write()
-        log.info("reserved round %s (run %s, attempt %d): %d steps, sigma=%.4f, q=%.5f, epsilon -> %.4f",
-                 round, run_id, entry.attempt, steps, noise_multiplier, sample_rate, eps_after)
+        log.info("reserved %s round %s (run %s, attempt %d): %d steps, sigma=%.4f, q=%.5f, epsilon -> %.4f",
+                 kind, round, run_id, entry.attempt, steps, noise_multiplier, sample_rate, eps_after)
         return Reservation(ledger_path=self.path, mechanism=self.mechanism, run_id=entry.run_id,
                            round=entry.round, attempt=entry.attempt, noise_multiplier=entry.noise_multiplier,
                            sample_rate=entry.sample_rate, steps=entry.steps, history_before=before,
-                           history_after=tuple(after_hist), epsilon_after=eps_after)
+                           history_after=tuple(after_hist), epsilon_after=eps_after, kind=kind)
 
     def commit(self, reservation: Reservation, accountant: "IAccountant | None" = None) -> LedgerEntry:
         """Mark a reserved round as trained; `accountant` (the one Opacus stepped) must match it."""
@@ -286,8 +358,8 @@ class PrivacyLedger:
         with self._locked():
             self.reload()
             for entry in self.entries:
-                if (entry.run_id, entry.round, entry.attempt) == (reservation.run_id, reservation.round,
-                                                                  reservation.attempt):
+                if (entry.run_id, entry.round, entry.attempt, entry.kind) == (
+                        reservation.run_id, reservation.round, reservation.attempt, reservation.kind):
                     if entry.status == "committed":
                         raise DuplicateRound(f"round {entry.round} of run {entry.run_id!r} attempt "
                                              f"{entry.attempt} is already committed in {self.path}")
@@ -307,18 +379,18 @@ class PrivacyLedger:
             for n, q, steps in extra:
                 self.history = merge_history(self.history, n, q, steps)
             for entry in self.entries:
-                if (entry.run_id, entry.round, entry.attempt) == (reservation.run_id, reservation.round,
-                                                                  reservation.attempt):
+                if (entry.run_id, entry.round, entry.attempt, entry.kind) == (
+                        reservation.run_id, reservation.round, reservation.attempt, reservation.kind):
                     entry.status = "mismatch"
             self._write()
 
     def record_round(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
                      max_epsilon: float, delta: float, task: str | None = None,
-                     replay: bool = False) -> LedgerEntry:
+                     replay: bool = False, kind: str = "train", backbone: str | None = None) -> LedgerEntry:
         """Reserve and commit in one go (for a round whose steps are known to have happened)."""
         res = self.reserve(run_id=run_id, round=round, noise_multiplier=noise_multiplier,
                            sample_rate=sample_rate, steps=steps, max_epsilon=max_epsilon, delta=delta,
-                           task=task, replay=replay)
+                           task=task, replay=replay, kind=kind, backbone=backbone)
         return self.commit(res)
 
     # ---- internals -----------------------------------------------------------------
@@ -328,6 +400,10 @@ class PrivacyLedger:
 
     def _write(self) -> None:
         write_atomic(self.path, json.dumps(self.to_json(), indent=1) + "\n", PRIVATE_MODE)
+
+    def locked(self):
+        """The ledger's inter-process lock, for code that must read and write it as one step."""
+        return self._locked()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -357,7 +433,7 @@ def _check_round_args(noise_multiplier, sample_rate, steps, max_epsilon, delta) 
 
 
 def list_ledgers(state_dir: str | os.PathLike) -> list[Path]:
-    """Every model's ledger in a site's state_dir, newest first."""
+    """Every ledger file in a site's state_dir, newest first (a site has one since the site ledger)."""
     folder = Path(state_dir) / "privacy"
     if not folder.is_dir():
         return []

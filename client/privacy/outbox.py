@@ -60,7 +60,8 @@ def check_outgoing(arrays: Mapping[str, Any], metrics: Mapping[str, Any], policy
                    expected_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
     """Raise OutboxRefused unless every tensor and metric may leave.
 
-    `metric_cases` gives the number of cases behind a metric; data metrics without an
+    `metric_cases` gives the exact number of cases behind each metric (a DP evaluation
+    sends a noisy `num-examples`, so its exact counts come here); data metrics without an
     entry count `num-examples` cases (and are refused when that is missing too).
     `expected_shapes` (the head as the coordinator sent it) refuses missing, extra or
     reshaped tensors.
@@ -96,9 +97,7 @@ def check_outgoing(arrays: Mapping[str, Any], metrics: Mapping[str, Any], policy
             raise OutboxRefused(f"metric {name!r} is not finite ({value})")
         if name in policy.uncounted_metrics:
             continue
-        cases = counts.get(name, n_examples)
-        if name == "num-examples":
-            cases = value
+        cases = counts.get(name, value if name == "num-examples" else n_examples)
         if cases is None:
             raise OutboxRefused(f"metric {name!r}: number of cases unknown (no metric_cases entry and no "
                                 f"num-examples); refusing to reply")
@@ -121,10 +120,12 @@ def record_refusal(audit: AuditLog, *, run_id: str, round: int, message_type: st
 
 def release(audit: AuditLog, *, run_id: str, round: int, message_type: str, arrays: Mapping[str, Any],
             metrics: Mapping[str, Any], policy: OutboxPolicy, metric_cases: Mapping[str, int] | None = None,
-            expected_shapes: Mapping[str, Sequence[int]] | None = None, site: str | None = None) -> AuditRecord:
+            expected_shapes: Mapping[str, Sequence[int]] | None = None, site: str | None = None,
+            withheld: Mapping[str, str] | None = None) -> AuditRecord:
     """Check a reply against the allow-list and append it to the audit log; call just before sending.
 
     A refused reply is logged (status "refused", with the reason) and re-raised.
+    `withheld`: metrics left out of the reply and why; the audit record keeps the reasons.
     """
     try:
         check_outgoing(arrays, metrics, policy, metric_cases=metric_cases, expected_shapes=expected_shapes)
@@ -134,5 +135,6 @@ def release(audit: AuditLog, *, run_id: str, round: int, message_type: str, arra
                        metrics={k: v for k, v in metrics.items() if k in policy.allowed_metrics})
         exc.audited = True
         raise
+    reason = "; ".join(f"{k} withheld: {v}" for k, v in sorted((withheld or {}).items())) or None
     return audit.append(AuditRecord.describe(run_id=run_id, round=round, message_type=message_type,
-                                             arrays=arrays, metrics=metrics, site=site))
+                                             arrays=arrays, metrics=metrics, site=site, reason=reason))

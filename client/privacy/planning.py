@@ -94,13 +94,30 @@ class NoisePlan:
     mechanism: str
 
 
+def evaluation_noise(*, max_epsilon: float, share: float, delta: float, evaluations: int,
+                     mechanism: str = "rdp") -> float:
+    """Noise multiplier of one DP evaluation (a Gaussian mechanism, sample rate 1) such that
+    `evaluations` of them alone cost `share * max_epsilon`: the site's share for evaluation."""
+    if not 0 < share < 1:
+        raise ValueError(f"evaluation share must be in (0, 1), got {share}")
+    try:
+        return float(get_noise_multiplier(target_epsilon=share * max_epsilon, target_delta=delta, sample_rate=1.0,
+                                          steps=int(evaluations), accountant=mechanism, epsilon_tolerance=0.01))
+    except ValueError as exc:
+        raise BudgetExceeded(0.0, float("inf"), share * max_epsilon, delta, what="evaluation plan") from exc
+
+
 def plan_noise(*, max_epsilon: float, delta: float, n_patients: int, batch_size: int, local_epochs: int,
                rounds: int, history: Sequence[Sequence] = (), mechanism: str = "rdp",
-               epsilon_tolerance: float = 0.01) -> NoisePlan:
+               epsilon_tolerance: float = 0.01, reserved: Sequence[Sequence] = ()) -> NoisePlan:
     """One noise multiplier for the `rounds` remaining rounds so the site ends at ~max_epsilon.
 
-    Raises BudgetExceeded when the history alone leaves no room for the plan.
+    `reserved`: future releases to keep room for (the planned evaluations, as history
+    items); they are planned for, not charged. Raises BudgetExceeded when the history
+    (and the reservation) leave no room for the plan.
     """
+    for n, q, s in reserved:
+        history = merge_history(history, n, q, s)
     if local_epochs < 1:
         raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
     if rounds < 1:

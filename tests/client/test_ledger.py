@@ -284,23 +284,39 @@ def test_client_ledger_cli_shows_spent_and_remaining(tmp_path, capsys):
     empty = json.loads(capsys.readouterr().out)
     assert empty["epsilon"] == 0.0 and empty["history"] == [] and empty["max_epsilon"] == 8.0
 
-    ledger = PrivacyLedger.open(tmp_path / "state", ledger_key(SHA))
+    ledger = PrivacyLedger.open_site(tmp_path / "state")
     _record(ledger, ROUNDS[:2], max_epsilon=8.0)
     assert _run_cli(["client", "ledger", "--config", str(cfg), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"site", "delta", "epsilon", "max_epsilon", "history"} <= set(out)
-    assert out["site"] == "hospital-a" and out["delta"] == DELTA and out["model_key"] == ledger_key(SHA)
+    assert {"site", "delta", "epsilon", "max_epsilon", "history", "by_backbone"} <= set(out)
+    assert out["site"] == "hospital-a" and out["delta"] == DELTA and out["model_key"] == "site"
     assert out["epsilon"] == pytest.approx(epsilon_of("rdp", ROUNDS[:2], DELTA))
     assert out["remaining_epsilon"] == pytest.approx(8.0 - out["epsilon"])
     assert [(h["round"], h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in out["history"]] == \
         [(i + 1, s, q, n) for i, (s, q, n) in enumerate(ROUNDS[:2])]
     assert out["history"][-1]["epsilon_after"] == pytest.approx(out["epsilon"])
-    assert {"run_id", "round", "noise_multiplier", "sample_rate", "steps", "epsilon_after"} <= set(out["history"][0])
+    assert {"run_id", "round", "kind", "noise_multiplier", "sample_rate", "steps", "epsilon_after"} <= \
+        set(out["history"][0])
 
     assert _run_cli(["client", "ledger", "--config", str(cfg)]) == 0
     text = capsys.readouterr().out
     assert f"epsilon spent {out['epsilon']:.4f} of 8" in text and "committed" in text
-    assert _run_cli(["client", "ledger", "--config", str(cfg), "--model", "nope"]) == 1
+
+
+def test_per_backbone_ledgers_of_earlier_versions_fold_into_one_site_budget(tmp_path):
+    """Two backbones over the same patients used to be two budgets; opened now, they compose."""
+    a = PrivacyLedger.open(tmp_path, ledger_key("a" * 64), audited=False)
+    b = PrivacyLedger.open(tmp_path, ledger_key("b" * 64), audited=False)
+    _record(a, ROUNDS[:1], max_epsilon=100)
+    _record(b, ROUNDS[1:2], max_epsilon=100)
+    alone = max(a.epsilon(DELTA), b.epsilon(DELTA))
+
+    site = PrivacyLedger.open_site(tmp_path)
+    assert site.epsilon(DELTA) == pytest.approx(dp_accounting_rdp(ROUNDS[:2], DELTA), rel=1e-2)
+    assert site.epsilon(DELTA) > alone
+    assert {e.backbone for e in site.entries} == {ledger_key("a" * 64), ledger_key("b" * 64)}
+    assert not list((tmp_path / "privacy").glob("ledger-bb-*.json"))      # retired, not read twice
+    assert PrivacyLedger.open_site(tmp_path).epsilon(DELTA) == pytest.approx(site.epsilon(DELTA))
 
 
 def test_commit_refuses_an_accountant_that_does_not_match_and_counts_both(tmp_path):
