@@ -280,3 +280,19 @@ def test_the_agent_start_removes_temp_files_of_a_killed_save(site, monkeypatch):
                          _ctx(yaml_path), _resolve)
     assert not reply.has_error()
     assert not Path(leftover).exists()
+
+
+def test_a_reply_the_outbox_refuses_leaves_as_4104_and_both_records_are_audited(site, monkeypatch):
+    """The outbox records what was not sent ("refused"); the app records what was ("error")."""
+    from client.task import RoundReply
+    yaml_path, model, meta = site
+    heads = heads_to_arrays(model, "report")
+    leaking = {**heads, "conv_blocks_context.0.blocks.0.conv.weight": np.zeros(3, np.float32)}
+    monkeypatch.setattr(SiteAgent, "train", lambda self, config, incoming: RoundReply(leaking, {"num-examples": 9.0}))
+    n = len(_audit_lines(yaml_path))
+    reply = handle_train(_msg("train", heads, _config(meta, 1, run_id="run-o")), _ctx(yaml_path), _resolve)
+    _assert_error_reply(reply, ErrorCode.OUTBOX_REFUSED)
+    refused, error = _audit_lines(yaml_path)[n:]
+    assert refused["status"] == "refused" and "conv_blocks_context.0.blocks.0.conv.weight" in refused["keys"]
+    assert (error["status"], error["code"], error["sent"]) == ("error", 4104, reply.error.reason)
+    assert "conv_blocks_context" in error["reason"]
