@@ -164,6 +164,18 @@ class SiteAgent:
         return evaluation_noise(max_epsilon=self.config.privacy.max_epsilon, share=self._evaluation_share(),
                                 delta=delta, evaluations=config.planned_rounds)
 
+    def _planned_evaluations(self, config: RoundConfig, delta: float, count: int) -> list[tuple[float, float, int]]:
+        """The room training keeps for the run's evaluations (none when the share cannot buy one)."""
+        if self._evaluation_share() <= 0:
+            return []
+        try:
+            return [(self._evaluation_sigma(config, delta), 1.0, count)]
+        except BudgetExceeded:
+            log.warning("site %s: privacy.evaluation_share %.3g of max_epsilon %.3g cannot pay for %d DP "
+                        "evaluation(s); evaluations will be refused", self.config.site, self._evaluation_share(),
+                        self.config.privacy.max_epsilon, config.planned_rounds)
+            return []
+
     def _delta(self, config: RoundConfig, n: int) -> float:
         """The site's delta (never loosened by the coordinator's), refused when above 1/patients."""
         delta = min(self.config.privacy.delta, config.dp_delta)
@@ -198,8 +210,7 @@ class SiteAgent:
         privacy = self.config.privacy
         remaining_rounds = config.planned_rounds - config.server_round + 1
         try:
-            reserved = [(self._evaluation_sigma(config, delta), 1.0, remaining_rounds)] \
-                if self._evaluation_share() > 0 else []
+            reserved = self._planned_evaluations(config, delta, remaining_rounds)
             plan = plan_noise(max_epsilon=privacy.max_epsilon, delta=delta, n_patients=n,
                               batch_size=config.batch_size, local_epochs=config.local_epochs,
                               rounds=remaining_rounds, history=ledger.history, mechanism=ledger.mechanism,

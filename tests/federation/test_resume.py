@@ -21,12 +21,11 @@ ROUNDS = 3
 
 
 def _sites(root: Path) -> list[Path]:
-    sites = [write_hospital(root, f"h{i}", n, 20 + i) for i, n in enumerate([14, 10, 10])]
-    for i, site in enumerate(sites):   # each hospital's own noise secret, the same in both copies
-        secret = site.parent / "state" / "privacy" / "noise-secret"
-        secret.parent.mkdir(parents=True, exist_ok=True)
-        secret.write_bytes(bytes([i + 1]) * 32)
-    return sites
+    return [write_hospital(root, f"h{i}", n, 20 + i) for i, n in enumerate([14, 10, 10])]
+
+
+def _ledger(site: Path) -> dict:
+    return json.loads((site.parent / "state" / "privacy" / "ledger-site.json").read_text())
 
 
 def _cmd(pre: Path, run: Path, sites: list[Path]) -> list[str]:
@@ -71,17 +70,19 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path):
 
     rounds = [json.loads(l)["round"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(1, ROUNDS + 1))
-    # determinism: the round completed before the kill is identical to the uninterrupted run's
-    first = load_file(str(run / "checkpoints" / "round-001.safetensors"))
-    ref_first = load_file(str(ref_run / "checkpoints" / "round-001.safetensors"))
-    for key in ref_first:
-        np.testing.assert_allclose(first[key], ref_first[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # Not promised: that the resumed run equals the uninterrupted one. Every training attempt
+    # draws fresh noise (a replay with the noise of its first attempt would give the noise away),
+    # so two runs differ from round 1 on; a round-1 checkpoint is kept, not recomputed.
 
     # privacy spent is never forgotten: each completed round is in every ledger; a round that was
     # cut short after the sites trained it is re-run and appears as a second attempt
     replays = 0   # re-run rounds, counted for the record
-    for site in sites:
-        ledger = json.loads(next((site.parent / "state" / "privacy").glob("ledger-*.json")).read_text())
+    ref_sites = sorted((tmp_path / "ref-sites").glob("*/hospital.yaml"))
+    for site, ref_site in zip(sites, ref_sites):
+        ledger = _ledger(site)
+        # a resume never un-spends: the interrupted site has paid at least what the uninterrupted one did
+        assert ledger["history"] and sum(h[2] for h in ledger["history"]) >= \
+            sum(h[2] for h in _ledger(ref_site)["history"])
         committed = sorted({e["round"] for e in ledger["entries"] if e["status"] == "committed"})
         assert committed == list(range(1, ROUNDS + 1))
         for r in range(1, ROUNDS + 1):
@@ -89,10 +90,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path):
             assert [e["attempt"] for e in attempts] == list(range(1, len(attempts) + 1))
             replays += len(attempts) - 1
 
-    # The final heads are not compared bit for bit: FedAvg sums the replies in arrival order, so
-    # the next round's incoming heads can differ in the last float bits between two runs, and a
-    # site seeds its noise from a hash of exactly those bytes (and a re-run round is charged again,
-    # which changes the planned noise). Both runs must still finish every round with sane heads.
+    # Both runs must finish every round with sane heads (not equal ones: see above).
     final = load_file(str(run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))
     ref = load_file(str(ref_run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))
     assert final.keys() == ref.keys()
