@@ -37,6 +37,7 @@ EXERCISED: dict[tuple[str, ...], str] = {
     ("pasta-fed", "client", "check"): "test_deployment.test_two_round_dp_run_over_tls",
     ("flower-supernode",): "cluster.Cluster.start_supernode (every deployment test)",
     ("pasta-fed", "client", "ledger"): "test_deployment (ledger checks)",
+    ("pasta-fed", "client", "audit"): "test_deployment.test_two_round_dp_run_over_tls",
     ("tail",): "test_deployment.test_two_round_dp_run_over_tls",
 }
 

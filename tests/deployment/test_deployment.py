@@ -119,6 +119,16 @@ def test_two_round_dp_run_over_tls(cluster_factory, pretrained, tmp_path):
             (1, 1, "committed"), (2, 1, "committed")]
         assert ledger["epsilon"] == pytest.approx(rounds[-1]["sites"][name]["train"]["epsilon"])
     assert "epsilon spent" in _ledger(cluster, configs["alpha"], as_json=False)
+    # the hospital checks ledger against audit log, then again against the head it noted
+    audit = guide.fill(guide.command("pasta-fed", "client", "audit"), {"hospital.yaml": str(configs["alpha"])})
+    res = cluster.run(audit)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (head,) = [line.split()[2] for line in res.stdout.splitlines() if line.startswith("audit head ")]
+    expect = guide.fill(guide.command("pasta-fed", "client", "audit", contains="--expect"),
+                        {"hospital.yaml": str(configs["alpha"])})
+    expect = expect[:expect.index("--expect") + 1] + [head]     # the guide's placeholder is several words
+    res = cluster.run(expect)
+    assert res.returncode == 0, res.stdout + res.stderr
 
     # following the run: flwr ls / flwr log, TensorBoard, then the model is used
     run_log = cluster.run_log(run_id)   # the ServerApp's own INFO lines reach `flwr log`
