@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "pasta_model.cli",
     "server.cli",
     "client.cli",
+    "client.privacy.audit_cli",
     "simulation.commands",
 )
 

@@ -45,6 +45,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from client.features import SiteTaskData, TaskSplit
 from client.privacy.ledger import PrivacyLedger
@@ -279,7 +280,11 @@ def decode(directions: np.ndarray, update: np.ndarray) -> np.ndarray:
     if np.linalg.matrix_rank(directions) == directions.shape[1]:
         return np.linalg.lstsq(directions, update, rcond=None)[0]
     from scipy.optimize import lsq_linear
-    return lsq_linear(directions, update, bounds=(0.0, 1.0)).x
+    x = lsq_linear(directions, update, bounds=(0.0, 1.0)).x
+    # a canary held at a bound gets the value it would take alone (the others fixed): how hard it
+    # pushes against the bound, so that saturated canaries are still ranked by evidence
+    pull = directions.T @ (update - directions @ x) / np.maximum((directions ** 2).sum(0), 1e-12)
+    return x + pull
 
 
 def split_threshold(scores: np.ndarray, iterations: int = 50) -> float:
@@ -439,7 +444,7 @@ def run_audit(config: SiteConfig, *, task: str = "report", canaries: int = 1000,
         agent = _audit_agent(audit_config, augmented, sha, _noise_seed)
         updates, sigmas, claimed, delta = [], [], 0.0, config.privacy.delta
         with _scaled_noise(_noise_scale):
-            for k in range(releases):
+            for k in tqdm(range(releases), desc="audit releases", disable=releases == 1):
                 reply = agent.train(round_config, sent)
                 check_outgoing(reply.arrays, reply.metrics, policy, expected_shapes=shapes)  # what would leave
                 updates.append(_released_update(reply.arrays, sent, weight_key, reply.metrics, learning_rate))
