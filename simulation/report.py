@@ -55,8 +55,31 @@ def verdicts(table: dict[str, dict[str, float]], small_sites: list[str]) -> list
     return lines
 
 
+def audit_section(audit: dict | None) -> list[str]:
+    """The report's lines on the empirical privacy audit of one site (`simulation.runner.audit_one_site`)."""
+    lines = ["## Privacy audit (one site)", ""]
+    if audit is None:
+        return lines + ["Not run (`audit: false` in the simulation config; it is on by default, about 10 s).", ""]
+    if "skipped" in audit:
+        return lines + [f"Not run for {audit['site']}: {audit['skipped']}.", ""]
+    lines += [f"`pasta-fed privacy audit` on {audit['site']}: its own DP training path (planning, clipping, noise, "
+              f"outbox) on a separate ledger, with {audit['canaries']} synthetic canaries each included with "
+              f"probability 1/2 ({audit['included']} were), guessed from the released head alone.", "",
+              "| site | canaries | correct guesses | confidence | epsilon lower bound | ledger's epsilon | verdict |",
+              "|---|---|---|---|---|---|---|",
+              f"| {audit['site']} | {audit['canaries']} | {audit['correct']} of {audit['guesses']} | "
+              f"{audit['confidence']:.0%} | {audit['epsilon_lower_bound']:.3f} | {audit['claimed_epsilon']:.3f} | "
+              f"{audit['verdict']} |", "",
+              "![privacy audit](plots/privacy-audit.png)", "",
+              f"- A lower bound, not a proof: below the claim it says this attack found no leak; above it, the "
+              f"implementation releases more than its ledger charges. It took {audit['seconds']:.1f} s (on by "
+              f"default; `audit: false` turns it off). Details: `privacy-audit.json`, docs/privacy.md.", ""]
+    return lines
+
+
 def write_simulation_report(run_dir: Path, *, config: dict, sites: list[dict], table: dict[str, dict[str, float]],
-                            metric: str, timings: dict[str, float], small_sites: list[str]) -> Path:
+                            metric: str, timings: dict[str, float], small_sites: list[str],
+                            audit: dict | None = None) -> Path:
     run = RunDirectory(run_dir)
     fed_report = write_federation_report(run, title="Federated rounds")   # writes plots/ too
     fed_body = fed_report.read_text(encoding="utf-8").split("\n", 1)[1]
@@ -83,6 +106,7 @@ def write_simulation_report(run_dir: Path, *, config: dict, sites: list[dict], t
     if n_held:
         lines += [f"- Each hospital has {n_held} held-out cases: differences below about {1 / n_held:.2f} "
                   f"are within the noise of one case, and the verdicts above should be read with that in mind."]
+    lines += [""] + audit_section(audit)
     lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", fed_body]

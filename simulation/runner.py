@@ -12,7 +12,7 @@ from pasta_model.finetune import PRIMARY_METRIC
 from server.run_state import atomic_write_json
 from server.settings import RunSettings
 from simulation.config import SimulationConfig, SimulationConfigError
-from simulation.hospitals import build_site, make_profiles, profile_table
+from simulation.hospitals import SiteFiles, build_site, make_profiles, profile_table
 from synth.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,32 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     t0 = time.monotonic()
     table = run_comparisons(cfg, sites, pretrained, out / "final.ckpt")
     timings["comparisons"] = time.monotonic() - t0
+    audit = None
+    if cfg.audit:
+        t0 = time.monotonic()
+        audit = audit_one_site(cfg, sites[0], pretrained, out)
+        timings["privacy audit (one site)"] = time.monotonic() - t0
     small = [s.profile.name for s in sites[1:]]
     return write_simulation_report(out, config=cfg.to_dict(), sites=profile_table(sites), table=table,
-                                   metric=PRIMARY_METRIC[cfg.task], timings=timings, small_sites=small)
+                                   metric=PRIMARY_METRIC[cfg.task], timings=timings, small_sites=small,
+                                   audit=audit)
+
+
+def audit_one_site(cfg: SimulationConfig, site: SiteFiles, pretrained: Path, out: Path) -> dict:
+    """The empirical privacy audit of one simulated site: its own training path on a temporary
+    ledger (its real one untouched); {'skipped': why} when the task or site cannot be audited."""
+    from client.privacy.empirical_audit import AUDIT_TASKS, AuditError, plot_scores, run_audit, write_json
+    from client.site_config import load_site_config
+    from pasta_model.checkpoint import read_meta
+    if cfg.task not in AUDIT_TASKS:
+        return {"site": site.profile.name,
+                "skipped": f"task {cfg.task} cannot be audited (auditable: {', '.join(AUDIT_TASKS)})"}
+    try:
+        result = run_audit(load_site_config(site.config), task=cfg.task, canaries=cfg.audit_canaries,
+                           backbone=read_meta(pretrained).backbone_sha256, seed=cfg.seed)
+    except AuditError as exc:
+        log.error("privacy audit of %s not run: %s", site.profile.name, exc)
+        return {"site": site.profile.name, "skipped": str(exc)}
+    write_json(result, out / "privacy-audit.json")
+    plot_scores(result, out / "plots" / "privacy-audit.png")
+    return result.summary()

@@ -413,7 +413,7 @@ def run_audit(config: SiteConfig, *, task: str = "report", canaries: int = 1000,
         raise AuditError(f"task {task!r} cannot be audited; auditable tasks: {', '.join(AUDIT_TASKS)}")
     if canaries < 2 or releases < 1:
         raise AuditError(f"need at least 2 canaries and 1 release, got {canaries} and {releases}")
-    from client.task import SiteAgent
+    from client.task import SiteAgent, SiteRefused
     from pasta_model.protocol import heads_to_arrays
 
     sha = _backbone_sha(config, backbone)
@@ -445,7 +445,11 @@ def run_audit(config: SiteConfig, *, task: str = "report", canaries: int = 1000,
         updates, sigmas, claimed, delta = [], [], 0.0, config.privacy.delta
         with _scaled_noise(_noise_scale):
             for k in tqdm(range(releases), desc="audit releases", disable=releases == 1):
-                reply = agent.train(round_config, sent)
+                try:
+                    reply = agent.train(round_config, sent)
+                except SiteRefused as exc:
+                    raise AuditError(f"{config.source or config.site}: the site refused the audit's round "
+                                     f"(code {exc.code}): {exc}") from exc
                 check_outgoing(reply.arrays, reply.metrics, policy, expected_shapes=shapes)  # what would leave
                 updates.append(_released_update(reply.arrays, sent, weight_key, reply.metrics, learning_rate))
                 sigmas.append(float(reply.metrics[NOISE_MULTIPLIER]))

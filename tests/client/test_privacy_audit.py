@@ -170,3 +170,27 @@ def test_test_switches_are_not_reachable_from_cli_or_yaml(site, tmp_path):
     edited.write_text(yaml.safe_dump(raw))
     with pytest.raises(SiteConfigError, match="noise_scale"):
         load_site_config(edited)
+
+
+# ----------------------------------------------------------------------------- the simulation report
+def test_simulation_report_gains_the_audit_of_one_site(site, tmp_path):
+    from simulation.config import SimulationConfig
+    from simulation.hospitals import SiteFiles, make_profiles
+    from simulation.report import audit_section
+    from simulation.runner import audit_one_site
+
+    profile = dataclasses.replace(make_profiles(2, 0, 8, 16, 5)[0], name=site.site)
+    files = SiteFiles(profile, site.source, site.source, 16)
+    cfg = SimulationConfig(task="report", audit_canaries=300)
+    assert SimulationConfig().audit is True          # on by default: it takes seconds, not minutes
+    audit = audit_one_site(cfg, files, site.backbone, tmp_path)
+    assert audit["verdict"] == CONSISTENT and audit["canaries"] == 300
+    assert json.loads((tmp_path / "privacy-audit.json").read_text())["correct"] == audit["correct"]
+    assert (tmp_path / "plots" / "privacy-audit.png").stat().st_size > 5000
+    text = "\n".join(audit_section(audit))
+    assert f"| {site.site} | 300 | {audit['correct']} of {audit['guesses']} | 95% |" in text
+    assert "plots/privacy-audit.png" in text and "lower bound, not a proof" in text
+    skipped = audit_one_site(dataclasses.replace(cfg, task="segment"), files, site.backbone, tmp_path)
+    assert "segment cannot be audited" in "\n".join(audit_section(skipped))
+    assert "Not run" in "\n".join(audit_section(None))
+    assert _site_ledger_untouched(site)
