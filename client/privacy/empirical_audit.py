@@ -93,30 +93,27 @@ def _linears(head: nn.Module) -> list[nn.Linear]:
     return layers
 
 
+def _natural(layer_index: int) -> float:
+    """Activation after frozen layer `layer_index` of `audit_head` for a natural (near-zero) input."""
+    return -_SLOPE if layer_index == 0 else -_SLOPE * _MARGIN
+
+
 @torch.no_grad()
 def audit_head(head: nn.Module) -> nn.Module:
     """A head the coordinator could send: frozen layers that squash natural features to ~0, output layer 0."""
     head = copy.deepcopy(head)
     layers = _linears(head)
-    previous = None
     for i, lin in enumerate(layers[:-1]):
         eye = torch.eye(lin.out_features, lin.in_features)
-        if i == 0:
+        if i == 0:                                  # x -> LeakyReLU(1e-3 x - 1) = -0.01 for x ~ 0
             lin.weight.copy_(_FIRST_SCALE * eye)
             lin.bias.fill_(-1.0)
-            previous = torch.full((lin.out_features,), -_SLOPE)        # LeakyReLU(-1) for x ~ 0
-        else:
+        else:                                       # the natural activation, shifted just below zero
             lin.weight.copy_(eye)
-            lin.bias.copy_(-previous[:lin.out_features] - _MARGIN)
-            previous = torch.full((lin.out_features,), -_SLOPE * _MARGIN)
+            lin.bias.fill_(-_natural(i - 1) - _MARGIN)
     layers[-1].weight.zero_()
     layers[-1].bias.zero_()
     return head
-
-
-def _natural(layer_index: int) -> float:
-    """Activation after frozen layer `layer_index` of `audit_head` for a natural (near-zero) input."""
-    return -_SLOPE if layer_index == 0 else -_SLOPE * _MARGIN
 
 
 @torch.no_grad()
@@ -214,11 +211,18 @@ def _augmented(data: SiteTaskData, canaries: Canaries, members: np.ndarray) -> S
     return SiteTaskData(data.task, split, data.val, dict(data.skipped))
 
 
-def _audit_agent(config: SiteConfig, data: SiteTaskData, backbone: str, noise_seed: int | None):
+def _audit_agent(config: SiteConfig, data: SiteTaskData, backbone: str, model: nn.Module,
+                 noise_seed: int | None):
     from client.task import SiteAgent
 
     class AuditAgent(SiteAgent):
-        """The site's agent on the audit's state dir, training on patients plus the included canaries."""
+        """The site's agent on the audit's state dir, training on patients plus the included canaries
+        (with the backbone the site already loaded: the audit's state dir has no installed ones)."""
+
+        def model(self, sha256: str):
+            if sha256 != backbone:
+                raise AuditError(f"audit agent asked for backbone {sha256[:12]}..., the audit uses {backbone[:12]}...")
+            return model
 
         def task_data(self, sha256: str, task: str) -> SiteTaskData:
             if (sha256, task) != (backbone, data.task):
@@ -441,7 +445,7 @@ def run_audit(config: SiteConfig, *, task: str = "report", canaries: int = 1000,
         if state.resolve() == Path(config.state_dir).resolve():
             raise AuditError(f"the audit's state dir must not be the site's ({config.state_dir})")
         audit_config = dataclasses.replace(config, state_dir=state)
-        agent = _audit_agent(audit_config, augmented, sha, _noise_seed)
+        agent = _audit_agent(audit_config, augmented, sha, copy.deepcopy(site.model(sha)), _noise_seed)
         updates, sigmas, claimed, delta = [], [], 0.0, config.privacy.delta
         with _scaled_noise(_noise_scale):
             for k in tqdm(range(releases), desc="audit releases", disable=releases == 1):

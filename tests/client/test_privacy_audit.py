@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -179,8 +180,16 @@ def test_simulation_report_gains_the_audit_of_one_site(site, tmp_path):
     from simulation.report import audit_section
     from simulation.runner import audit_one_site
 
+    # as in a simulation: no backbone in the YAML, the coordinator's one installed in the state dir
+    sha = read_meta(site.backbone).backbone_sha256
+    installed = site.state_dir / "backbones" / f"{sha}.safetensors"
+    installed.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(site.backbone, installed)
+    raw = yaml.safe_load(site.source.read_text())
+    del raw["backbone"]
+    (tmp_path / "hospital.yaml").write_text(yaml.safe_dump(raw))
     profile = dataclasses.replace(make_profiles(2, 0, 8, 16, 5)[0], name=site.site)
-    files = SiteFiles(profile, site.source, site.source, 16)
+    files = SiteFiles(profile, tmp_path / "hospital.yaml", tmp_path / "hospital.yaml", 16)
     cfg = SimulationConfig(task="report", audit_canaries=300)
     assert SimulationConfig().audit is True          # on by default: it takes seconds, not minutes
     audit = audit_one_site(cfg, files, site.backbone, tmp_path)
