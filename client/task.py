@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -275,9 +275,3 @@ class SiteAgent:
             log.info("site %s: metric %s withheld: %s", self.config.site, name, why)
         return EvaluationReply(metrics, released.cases, released.withheld)
 
-
-def parse_round_config(record: Mapping[str, Any]) -> RoundConfig:
-    try:
-        return RoundConfig.from_config_record(dict(record))
-    except ProtocolError as exc:
-        raise SiteRefused(f"round config refused: {exc}") from exc

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pasta_model.protocol import MAX_PROXIMAL_MU
 from synth.typed_config import typed_fields
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -57,7 +58,7 @@ class RunSettings:
             (self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1"),
             (self.task in TASKS, "task", f"must be one of {TASKS}"),
             (1 <= self.local_epochs <= 50, "local-epochs", "must be in 1..50"),
-            (0 < self.learning_rate <= 10, "learning-rate", "must be in (0, 10]"),
+            (0 < self.learning_rate <= 1, "learning-rate", "must be in (0, 1] (sites refuse more)"),
             (1 <= self.batch_size <= 1024, "batch-size", "must be in 1..1024"),
             (self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}"),
             (self.min_sites >= 1, "min-sites", "must be >= 1"),
@@ -65,7 +66,9 @@ class RunSettings:
             (self.round_timeout > 0, "round-timeout", "must be > 0"),
             (self.round_retries >= 0, "round-retries", "must be >= 0"),
             (0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)"),
-            (self.proximal_mu >= 0, "proximal-mu", "must be >= 0"),
+            (0 <= self.proximal_mu <= MAX_PROXIMAL_MU, "proximal-mu", f"must be in [0, {MAX_PROXIMAL_MU:g}]"),
+            (self.learning_rate * self.proximal_mu <= 1, "proximal-mu",
+             "times learning-rate must be <= 1 (sites refuse more: the proximal step would overshoot)"),
             (0 <= self.trimmed_beta < 0.5, "trimmed-beta", "must be in [0, 0.5)"),
             (self.krum_malicious >= 0, "krum-malicious", "must be >= 0"),
         ]

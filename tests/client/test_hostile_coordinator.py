@@ -19,7 +19,7 @@ from client.app import handle_evaluate, handle_query, handle_train
 from client.features import validation_patients
 from client.privacy.ledger import PrivacyLedger
 from client.site_config import load_site_config
-from client.task import REFUSED_BACKBONE, REFUSED_BUDGET, SiteAgent
+from client.task import REFUSED_BACKBONE, SiteAgent
 from flower_messages import node_context, query_message, resolve_from_node_config, round_config, round_message
 from hospital_factory import write_hospital, write_pretrained
 from pasta_model.checkpoint import backbone_sha256, load_checkpoint
