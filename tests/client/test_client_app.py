@@ -9,15 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 import client.app as client_app
 from client.app import handle_evaluate, handle_query, handle_train, make_client_app
 from client.privacy.audit import AuditLog
 from client.task import SiteAgent
+from flower_messages import node_context, query_message, resolve_from_node_config, round_config, round_message
 from hospital_factory import write_hospital, write_pretrained
 from pasta_model.checkpoint import load_checkpoint
-from pasta_model.protocol import ErrorCode, RoundConfig, error_message, heads_to_arrays
+from pasta_model.protocol import ErrorCode, error_message, heads_to_arrays
 
 
 @pytest.fixture(scope="module")
@@ -29,35 +30,15 @@ def site(tmp_path_factory):
     return yaml_path, model, meta
 
 
-def _metadata(kind: str) -> Metadata:
-    return Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                    group_id="1", created_at=0.0, ttl=3600, message_type=kind)
-
-
-def _msg(kind: str, arrays: dict, config: dict) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "config": ConfigRecord(config)})
-    return Message(content, metadata=_metadata(kind))
+_msg, _ctx, _resolve = round_message, node_context, resolve_from_node_config
 
 
 def _query(config: dict) -> Message:
-    return Message(RecordDict({"config": ConfigRecord(config)}), metadata=_metadata("query"))
+    return query_message(config)
 
 
 def _config(meta, rnd: int, rounds: int = 2, **kw) -> dict:
-    base = dict(server_round=rnd, task="report", local_epochs=1, learning_rate=0.5, batch_size=8,
-                backbone_sha256=meta.backbone_sha256, dp_delta=1e-5, planned_rounds=rounds, run_id="run-a")
-    base.update(kw)
-    return RoundConfig(**base).to_config_dict()
-
-
-def _ctx(yaml_path: Path) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"hospital-config": str(yaml_path)}, state=RecordDict(),
-                   run_config={})
-
-
-def _resolve(ctx: Context) -> Path:
-    return Path(ctx.node_config["hospital-config"])
+    return round_config(meta.backbone_sha256, rnd, rounds, **kw)
 
 
 def _audit_lines(yaml_path: Path) -> list[dict]:
@@ -162,7 +143,7 @@ def test_a_proximal_mu_that_would_blow_up_training_is_refused_before_any_charge(
 
 def test_a_message_without_its_records_is_an_invalid_message(site):
     yaml_path, model, meta = site
-    msg = Message(RecordDict({"config": ConfigRecord(_config(meta, 1))}), metadata=_metadata("train"))
+    msg = Message(RecordDict({"config": ConfigRecord(_config(meta, 1))}), metadata=_msg("train", {}, {}).metadata)
     _assert_error_reply(handle_train(msg, _ctx(yaml_path), _resolve), ErrorCode.INVALID_MESSAGE)
 
 
