@@ -37,21 +37,41 @@ def _bar_plot(path: Path, table: dict[str, dict[str, float]], metric: str) -> No
     plt.close(fig)
 
 
-def verdicts(table: dict[str, dict[str, float]], small_sites: list[str]) -> list[str]:
+# (challenger, baseline, what the comparison asks); rows missing from the table are skipped.
+COMPARISONS = (
+    ("federated (DP)", "local alone (DP)", "Federated vs {site} alone"),
+    ("federated (DP)", "pretrained heads, no fine-tuning", "Federated vs no fine-tuning at {site}"),
+    ("pooled (DP)", "pooled (no DP)", "DP vs no DP (pooled) at {site}"),
+    ("pooled, pretrained backbone (DP)", "pooled, scratch backbone (DP)",
+     "Pretrained vs scratch backbone (pooled) at {site}"),
+)
+
+
+def _direction(a: float, b: float, tie_below: float) -> str:
+    if math.isnan(a) or math.isnan(b):
+        return "not measured"
+    if abs(a - b) < tie_below:
+        return "tie (within the noise)"
+    return "better" if a > b else "WORSE"
+
+
+def verdicts(table: dict[str, dict[str, float]], tie_below: float) -> list[str]:
+    """Every comparison at every site and on the mean, in both directions: a loss is said as plainly as a
+    win, and a difference smaller than `tie_below` (one held-out case) is called a tie."""
     lines = []
-    fed, local = table.get("federated (DP)", {}), table.get("local alone (DP)", {})
-    if fed and local:
-        for s in small_sites:
-            f, l = fed.get(s, float("nan")), local.get(s, float("nan"))
-            ok = f > l
-            lines.append(f"- Federated {'beats' if ok else 'does NOT beat'} {s} alone on its held-out cases "
-                         f"({_fmt(f)} vs {_fmt(l)}).")
-    pre, scr = table.get("pooled, pretrained backbone (DP)"), table.get("pooled, scratch backbone (DP)")
-    if pre and scr:
-        mp = sum(pre.values()) / len(pre)
-        ms = sum(scr.values()) / len(scr)
-        lines.append(f"- The pretrained backbone {'beats' if mp > ms else 'does NOT beat'} a randomly initialised "
-                     f"one (mean over sites {_fmt(mp)} vs {_fmt(ms)}).")
+    for challenger, baseline, question in COMPARISONS:
+        ch, ba = table.get(challenger), table.get(baseline)
+        if not ch or not ba:
+            continue
+        sites = sorted(set(ch) & set(ba))
+        for site in sites:
+            lines.append(f"- {question.format(site=site)}: {_direction(ch[site], ba[site], tie_below)} "
+                         f"({_fmt(ch[site])} vs {_fmt(ba[site])}).")
+        if sites:
+            mc = sum(ch[s] for s in sites) / len(sites)
+            mb = sum(ba[s] for s in sites) / len(sites)
+            lines.append(f"- {question.format(site='the mean over sites')}: "
+                         f"{_direction(mc, mb, tie_below / math.sqrt(len(sites)))} ({_fmt(mc)} vs {_fmt(mb)}).")
     return lines
 
 
@@ -78,7 +98,7 @@ def audit_section(audit: dict | None) -> list[str]:
 
 
 def write_simulation_report(run_dir: Path, *, config: dict, sites: list[dict], table: dict[str, dict[str, float]],
-                            metric: str, timings: dict[str, float], small_sites: list[str],
+                            metric: str, timings: dict[str, float],
                             audit: dict | None = None) -> Path:
     run = RunDirectory(run_dir)
     fed_report = write_federation_report(run, title="Federated rounds")   # writes plots/ too
@@ -101,11 +121,12 @@ def write_simulation_report(run_dir: Path, *, config: dict, sites: list[dict], t
         mean = sum(finite) / len(finite) if finite else float("nan")
         lines.append(f"| {method} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} |")
     lines += ["", "![comparisons](plots/comparisons.png)", "", "### What this shows", ""]
-    lines += verdicts(table, small_sites) or ["- (no comparison configured)"]
     n_held = config.get("heldout_cases", 0)
+    tie_below = 1 / n_held if n_held else 0.0
     if n_held:
-        lines += [f"- Each hospital has {n_held} held-out cases: differences below about {1 / n_held:.2f} "
-                  f"are within the noise of one case, and the verdicts above should be read with that in mind."]
+        lines += [f"Each hospital has {n_held} held-out cases, so one case moves a figure by {tie_below:.2f}: "
+                  f"differences smaller than that are called ties.", ""]
+    lines += verdicts(table, tie_below) or ["- (no comparison configured)"]
     lines += [""] + audit_section(audit)
     lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]

@@ -102,10 +102,8 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
         t0 = time.monotonic()
         audit = audit_one_site(cfg, sites[0], pretrained, out)
         timings["privacy audit (one site)"] = time.monotonic() - t0
-    small = [s.profile.name for s in sites[1:]]
     return write_simulation_report(out, config=cfg.to_dict(), sites=profile_table(sites), table=table,
-                                   metric=PRIMARY_METRIC[cfg.task], timings=timings, small_sites=small,
-                                   audit=audit)
+                                   metric=PRIMARY_METRIC[cfg.task], timings=timings, audit=audit)
 
 
 def audit_one_site(cfg: SimulationConfig, site: SiteFiles, pretrained: Path, out: Path) -> dict:
