@@ -50,17 +50,23 @@ class TypeModel:
         return LESION_TYPE_BY_NAME[self.name].organ
 
 
-DELTA = {"hypodense": (-55.0, -22.0), "isodense": (-3.0, 3.0), "hyperdense": (22.0, 60.0)}
+# Lesion minus its organ, in HU (measured on the rendered image afterwards, so the report says
+# what the image shows). Grounded in published attenuation: hypovascular liver metastases and
+# pancreatic adenocarcinoma enhance 25-60 HU less than their parenchyma in portal-venous or
+# pancreatic phase; arterially enhancing HCC and enhancing GI/bladder wall tumours 25-65 HU more.
+DELTA = {"hypodense": (-60.0, -25.0), "isodense": (-3.0, 3.0), "hyperdense": (25.0, 65.0)}
 
 _ROUND = {"round_like": 1.0}
 _MASS = {"irregular": 0.6, "round_like": 0.4}
 _WALL = {"wall_thickening": 0.75, "irregular": 0.25}
+# Without contrast most solid tumours are iso- or slightly hypodense (plain-CT detection is
+# the hard task); with contrast few stay isodense.
 _TUMOR_HYPO_PV = {"plain": {"hypodense": 0.6, "isodense": 0.4},
-                  "arterial": {"hypodense": 0.7, "hyperdense": 0.15, "isodense": 0.15},
-                  "portal_venous": {"hypodense": 0.75, "isodense": 0.25}}
+                  "arterial": {"hypodense": 0.8, "hyperdense": 0.1, "isodense": 0.1},
+                  "portal_venous": {"hypodense": 0.9, "isodense": 0.1}}
 _WALL_ENH = {"plain": {"isodense": 0.6, "hypodense": 0.4},
-             "arterial": {"hyperdense": 0.6, "isodense": 0.4},
-             "portal_venous": {"hyperdense": 0.45, "isodense": 0.45, "hypodense": 0.1}}
+             "arterial": {"hyperdense": 0.8, "isodense": 0.2},
+             "portal_venous": {"hyperdense": 0.75, "isodense": 0.15, "hypodense": 0.1}}
 
 TYPE_MODELS: dict[str, TypeModel] = {m.name: m for m in (
     TypeModel("lung_tumor", "parenchyma", (1, 2), (8, 60),
@@ -68,8 +74,8 @@ TYPE_MODELS: dict[str, TypeModel] = {m.name: m for m in (
               hu=(25, 55), hetero_p=0.35, ill_p=0.55, invasion_p=0.25),
     TypeModel("liver_cancer", "parenchyma", (1, 3), (15, 80), _MASS,
               density={"plain": {"hypodense": 0.8, "isodense": 0.2},
-                       "arterial": {"hyperdense": 0.7, "isodense": 0.1, "hypodense": 0.2},
-                       "portal_venous": {"hypodense": 0.75, "isodense": 0.25}},
+                       "arterial": {"hyperdense": 0.75, "isodense": 0.05, "hypodense": 0.2},
+                       "portal_venous": {"hypodense": 0.9, "isodense": 0.1}},
               hetero_p=0.55, ill_p=0.5, invasion_p=0.2),
     TypeModel("gallbladder_cancer", "wall", (1, 1), (20, 45), _WALL, density=_WALL_ENH,
               hetero_p=0.3, ill_p=0.6, invasion_p=0.35, thickness_mm=(5, 10)),
@@ -84,8 +90,8 @@ TYPE_MODELS: dict[str, TypeModel] = {m.name: m for m in (
               hetero_p=0.35, ill_p=0.5, invasion_p=0.3, thickness_mm=(8, 18)),
     TypeModel("kidney_tumor", "parenchyma", (1, 1), (15, 60), _MASS,
               density={"plain": {"isodense": 0.5, "hypodense": 0.3, "hyperdense": 0.2},
-                       "arterial": {"hyperdense": 0.3, "hypodense": 0.6, "isodense": 0.1},
-                       "portal_venous": {"hypodense": 0.85, "isodense": 0.15}},
+                       "arterial": {"hyperdense": 0.3, "hypodense": 0.65, "isodense": 0.05},
+                       "portal_venous": {"hypodense": 0.9, "isodense": 0.1}},
               hetero_p=0.6, ill_p=0.4, invasion_p=0.25),
     TypeModel("bladder_cancer", "wall", (1, 1), (15, 45), {"wall_thickening": 0.6, "irregular": 0.4},
               density=_WALL_ENH, hetero_p=0.25, ill_p=0.5, invasion_p=0.3, thickness_mm=(7, 18)),
