@@ -6,7 +6,7 @@ small pure functions (numpy) so they can be checked against brute force.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,26 @@ def dice(pred, target) -> float:
     if t.sum() == 0:
         return 1.0 if p.sum() == 0 else 0.0
     return float(compute_dice(p, t, include_background=True, ignore_empty=False).item())
+
+
+def organ_dice(pred_labels, total_labels, groups: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """Dice per organ of an integer map `pred_labels` (0 background, k the k-th organ of `groups`)
+    against `total_labels`, where an organ is any of its `groups[organ]` values (for TotalSegmentator
+    ids: `synth.totalseg.TOTALSEG_HOSTS`). Organs absent from the truth are left out (Dice undefined)."""
+    n = len(groups) + 1
+    pred = torch.as_tensor(np.asarray(pred_labels)).long()
+    if pred.numel() and (pred.min() < 0 or pred.max() >= n):
+        raise ValueError(f"organ labels must lie in 0..{n - 1}, got {int(pred.min())}..{int(pred.max())}")
+    total = np.asarray(total_labels)
+    truth = np.zeros(total.shape, dtype=np.int64)
+    for k, ids in enumerate(groups.values(), start=1):
+        truth[np.isin(total, list(ids))] = k
+
+    def one_hot(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x, n).movedim(-1, 0)[None].float()   # [1, n, *S]
+
+    d = compute_dice(one_hot(pred), one_hot(torch.from_numpy(truth)), include_background=False, ignore_empty=True)[0]
+    return {name: float(v) for name, v in zip(groups, d) if not torch.isnan(v)}
 
 
 def hd95(pred, target, spacing: Sequence[float] | float | None = None) -> float:
