@@ -90,17 +90,37 @@ def backbone_sha256(model_or_state_dict: nn.Module | Mapping[str, Tensor]) -> st
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, model: PastaNet, extra: dict | None = None) -> CheckpointMeta:
-    """Write weights + metadata atomically (temp file in the same folder, then rename)."""
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def as_fp32(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """fp16 / bf16 tensors (a checkpoint stored small for shipping) as float32; others unchanged.
+
+    The loader's model is always fp32; the recorded backbone SHA-256 of a half-precision
+    file is that of these fp32 tensors, i.e. of the backbone a site will hold."""
+    return {k: v.float() if v.dtype in HALF_DTYPES else v for k, v in tensors.items()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: PastaNet, extra: dict | None = None,
+                    storage_dtype: torch.dtype | None = None) -> CheckpointMeta:
+    """Write weights + metadata atomically (temp file in the same folder, then rename).
+
+    `storage_dtype` (torch.float16 or torch.bfloat16) stores the floating tensors at half
+    the size; `load_checkpoint` casts them back to float32, and the recorded backbone
+    SHA-256 is that of the cast-back weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if storage_dtype is not None:
+        if storage_dtype not in HALF_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {HALF_DTYPES}, got {storage_dtype}")
+        tensors = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = CheckpointMeta(
         preset=model.preset.name,
         tasks=list(model.tasks),
         vocabularies=vocabularies(),
         package_version=package_version(),
-        backbone_sha256=backbone_sha256(tensors),
+        backbone_sha256=backbone_sha256(as_fp32(tensors)),
         extra=dict(extra or {}),
     )
     try:
@@ -147,14 +167,15 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PastaNet, CheckpointMeta]:
-    """Rebuild the model the metadata describes and load its weights strictly."""
+    """Rebuild the model the metadata describes and load its weights strictly (always as
+    float32: a half-precision file is cast up before its backbone hash is checked)."""
     path = Path(path)
     meta = read_meta(path)
     try:
         model = build_model(meta.preset, meta.tasks)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    tensors = load_file(str(path), device="cpu")
+    tensors = as_fp32(load_file(str(path), device="cpu"))
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -33,11 +33,21 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _checkpoint(args) -> Path:
+    """--checkpoint, or the model shipped with the package (ShippedModelMissing, a FileNotFoundError, names it)."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    from .shipped import shipped_checkpoint
+    path = shipped_checkpoint()
+    log.info("no --checkpoint: using the shipped model %s", path)
+    return path
+
+
 def _predict(args) -> int:
     from .predict import predict
 
     try:
-        report = predict(args.checkpoint, args.image, args.out, device=args.device)
+        report = predict(_checkpoint(args), args.image, args.out, device=args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2
@@ -50,7 +60,7 @@ def _evaluate(args) -> int:
     from .evaluate import evaluate, format_table
 
     try:
-        result = evaluate(args.checkpoint, args.data, device=args.device, max_cases=args.max_cases,
+        result = evaluate(_checkpoint(args), args.data, device=args.device, max_cases=args.max_cases,
                           progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
@@ -86,14 +96,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=_pretrain)
 
     p = subparsers.add_parser("predict", help="lesion mask and structured report for one CT")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model (pasta-fed model info)")
     p.add_argument("--image", type=Path, required=True, help="NIfTI file or DICOM series folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_predict)
 
     p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a dataset")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model (pasta-fed model info)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

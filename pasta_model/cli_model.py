@@ -1,4 +1,4 @@
-"""`pasta-fed model import|info`: thin argparse shells over released.py and checkpoint.py."""
+"""`pasta-fed model import|info|ship`: thin argparse shells over released.py, checkpoint.py and shipped/."""
 from __future__ import annotations
 
 import argparse
@@ -67,16 +67,48 @@ def parameter_counts(path: str | Path) -> dict:
     return {"total": backbone + sum(heads.values()), "backbone": backbone, "heads": heads}
 
 
+def _shipped_info(path: Path) -> dict:
+    """Path, SHA-256, size and card summary of the shipped checkpoint (the card checked against the file)."""
+    from .shipped import card_summary, shipped_card
+    sha = _file_sha256(path)
+    card = shipped_card()
+    info = {"path": str(path), "sha256": sha, "bytes": path.stat().st_size,
+            "status": None if card is None else card.get("status"),
+            "card": [] if card is None else card_summary(card)}
+    if card is None:
+        info["warning"] = f"no model card beside {path}"
+    elif (card.get("file") or {}).get("sha256") != sha:
+        info["warning"] = (f"the model card describes another file (SHA-256 {(card.get('file') or {}).get('sha256')}); "
+                           "re-run `pasta-fed model ship`")
+    return info
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    shipped = None
     try:
+        if args.checkpoint is None:
+            from .shipped import shipped_checkpoint
+            args.checkpoint = shipped_checkpoint()
+            shipped = _shipped_info(args.checkpoint)
         meta = read_meta(args.checkpoint)
         params = parameter_counts(args.checkpoint)
-    except CheckpointError as exc:
+    except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"preset": meta.preset, "tasks": meta.tasks, "parameters": params}))
+        out = {"preset": meta.preset, "tasks": meta.tasks, "parameters": params}
+        if shipped is not None:
+            out["shipped"] = shipped
+        print(json.dumps(out))
         return 0
+    if shipped is not None:
+        print(f"shipped model:   {shipped['path']}")
+        print(f"file sha256:     {shipped['sha256']}")
+        print(f"size:            {shipped['bytes'] / 1e6:.2f} MB")
+        for line in shipped["card"]:
+            print(f"card {line}")
+        if "warning" in shipped:
+            print(f"warning:         {shipped['warning']}")
     print(f"checkpoint:      {args.checkpoint}")
     print(f"preset:          {meta.preset}")
     print(f"tasks:           {', '.join(meta.tasks)}")
@@ -90,8 +122,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    from .shipped import ShipError, ship_checkpoint
+    try:
+        card = json.loads(Path(args.card).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: {args.card}: cannot read the card ({exc})", file=sys.stderr)
+        return 2
+    try:
+        card = ship_checkpoint(args.checkpoint, card, args.out, evaluate_data=args.evaluate,
+                               evaluate_cases=args.evaluate_cases, device=args.device, card_source=str(args.card))
+    except (CheckpointError, ShipError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .shipped import SHIPPED_FILE, card_summary, shipped_dir
+    out = Path(args.out) if args.out is not None else shipped_dir()
+    print(f"wrote {out / SHIPPED_FILE} ({card['file']['bytes'] / 1e6:.2f} MB float16, sha256 {card['file']['sha256']}; "
+          f"round trip max |diff| {card['round_trip']['max_abs_diff']:.3g}, allowed {card['round_trip']['allowed']:.3g})")
+    for line in card_summary(card):
+        print(f"card {line}")
+    return 0
+
+
 def register_model(subparsers) -> None:
-    """Add `model import` and `model info` to the root command's subparsers."""
+    """Add `model import`, `model info` and `model ship` to the root command's subparsers."""
     model = subparsers.add_parser("model", help="import released PASTA weights, inspect checkpoints")
     sub = model.add_subparsers(dest="model_command", required=True)
 
@@ -104,7 +158,19 @@ def register_model(subparsers) -> None:
                      help=f"comma-separated heads to create (default: {','.join(TASKS)})")
     imp.set_defaults(func=cmd_import)
 
-    info = sub.add_parser("info", help="preset, tasks and parameter counts of a checkpoint")
-    info.add_argument("checkpoint")
+    info = sub.add_parser("info", help="preset, tasks and parameter counts of a checkpoint (default: the shipped one)")
+    info.add_argument("checkpoint", nargs="?", type=Path, default=None,
+                      help="a pasta-fed checkpoint (default: the shipped model, with its card)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
+
+    ship = sub.add_parser("ship", help="write a checkpoint as the shipped model (fp16) with its model card")
+    ship.add_argument("--checkpoint", type=Path, required=True, help="the pasta-fed checkpoint to ship")
+    ship.add_argument("--card", type=Path, required=True,
+                      help="JSON: status, data {seed, count, ...}, command, device, minutes, heldout {data, figures}")
+    ship.add_argument("--out", type=Path, default=None, help="folder (default: the package's pasta_model/shipped/)")
+    ship.add_argument("--evaluate", type=Path, default=None, metavar="DATA",
+                      help="held-out dataset: the card's held-out figures become those of the fp16 file on it")
+    ship.add_argument("--evaluate-cases", type=int, default=None)
+    ship.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="for --evaluate")
+    ship.set_defaults(func=cmd_ship)

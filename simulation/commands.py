@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["segment", "detect", "report", "stage", "survival"])
     p.add_argument("--epsilon", type=float, help="each site's privacy budget")
     p.add_argument("--seed", type=int)
-    p.add_argument("--pretrained", help="a pasta-fed checkpoint (default: pretrain one or reuse the cached one)")
+    p.add_argument("--pretrained", help="a pasta-fed checkpoint, 'shipped' (the default: the model shipped with "
+                                        "the package) or 'pretrain' (pretrain one here, or reuse the cached one)")
     p.set_defaults(func=_simulate)
     d = sub.add_parser("demo", help="the main job: synthetic data, pretraining, a 3-hospital DP federation, a report")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))

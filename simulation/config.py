@@ -12,6 +12,8 @@ from synth.typed_config import typed_fields
 
 COMPARISONS = ("local", "pooled", "pooled_no_dp", "pooled_scratch")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "simulation.yaml"
+# `pretrained:` the model shipped with the package (the default), or pretrain one here (null or "pretrain")
+SHIPPED, PRETRAIN = "shipped", "pretrain"
 
 
 class SimulationConfigError(ValueError):
@@ -37,7 +39,7 @@ class SimulationConfig:
     heldout_cases: int = 16
     pretrain_cases: int = 100
     pretrain_minutes: float = 5.0
-    pretrained: str | None = None
+    pretrained: str | None = SHIPPED     # SHIPPED, a checkpoint path, or None / PRETRAIN: pretrain one here
     comparisons: list[str] = field(default_factory=lambda: list(COMPARISONS))
     max_grad_norm: float = 1.0
     # the empirical privacy audit of the first site in the report (about 10 s with 1,000 canaries: on)

@@ -11,7 +11,7 @@ from pathlib import Path
 from pasta_model.finetune import PRIMARY_METRIC
 from server.run_state import atomic_write_json
 from server.settings import RunSettings
-from simulation.config import SimulationConfig, SimulationConfigError
+from simulation.config import PRETRAIN, SHIPPED, SimulationConfig, SimulationConfigError
 from simulation.hospitals import SiteFiles, build_site, make_profiles, profile_table
 from synth.atomic import atomic_path
 
@@ -24,9 +24,29 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, "runs/.cache"))
 
 
+def shipped_pretrained(cfg: SimulationConfig) -> Path:
+    """The model shipped with the package, if it is of the simulation's preset."""
+    from pasta_model.checkpoint import CheckpointError, read_meta
+    from pasta_model.shipped import shipped_checkpoint
+    try:
+        path = shipped_checkpoint()
+        preset = read_meta(path).preset
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise SimulationConfigError(f"pretrained: {SHIPPED}: {exc}") from None
+    if preset != cfg.preset:
+        raise SimulationConfigError(f"pretrained: the shipped model {path.name} is preset {preset!r}, the "
+                                    f"simulation's preset is {cfg.preset!r}; set pretrained: null to pretrain "
+                                    "one here, or name a checkpoint of that preset")
+    log.info("using the shipped pretrained model %s", path)
+    return path
+
+
 def ensure_pretrained(cfg: SimulationConfig) -> Path:
-    """The configured checkpoint, or one pretrained here on synthetic data (made once, then reused)."""
-    if cfg.pretrained:
+    """The shipped model (pretrained: shipped, the default), the configured checkpoint, or (null or
+    "pretrain") one pretrained here on synthetic data (made once, then reused)."""
+    if cfg.pretrained == SHIPPED:
+        return shipped_pretrained(cfg)
+    if cfg.pretrained and cfg.pretrained != PRETRAIN:
         path = Path(cfg.pretrained)
         if not path.exists():
             raise SimulationConfigError(f"pretrained: {path} does not exist")
@@ -69,7 +89,15 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     t0 = time.monotonic()
     pretrained = ensure_pretrained(cfg)
     timings["pretrained checkpoint (made or reused)"] = time.monotonic() - t0
-    atomic_write_json(stored, {"config": cfg.to_dict(), "pretrained": str(pretrained)})
+    from pasta_model.checkpoint import read_meta
+    backbone = read_meta(pretrained).backbone_sha256
+    if resume:   # the shipped model (or a named file) may have been replaced since the run began
+        began = json.loads(stored.read_text(encoding="utf-8")).get("pretrained_backbone_sha256", backbone)
+        if began != backbone:
+            raise SimulationConfigError(f"--resume {out}: the pretrained checkpoint {pretrained} now has backbone "
+                                        f"{backbone[:12]}..., the run began on {began[:12]}...; start a new run")
+    atomic_write_json(stored, {"config": cfg.to_dict(), "pretrained": str(pretrained),
+                               "pretrained_backbone_sha256": backbone})
 
     t0 = time.monotonic()
     profiles = make_profiles(cfg.hospitals, cfg.seed, cfg.cases_min, cfg.cases_max, cfg.heldout_cases)
