@@ -24,7 +24,7 @@ from synth import vocabulary
 from synth.atomic import atomic_path
 
 from .heads import DETECT_OUTPUTS, REPORT_OUTPUTS, SEGMENT_CLASSES
-from .network import HEADS_PREFIX, PastaNet, build_model
+from .network import HEADS_PREFIX, ORGAN_HEAD_PREFIX, PastaNet, build_model
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     float32: a half-precision file is cast up before its backbone hash is checked)."""
     path = Path(path)
     meta = read_meta(path)
+    tensors = as_fp32(load_file(str(path), device="cpu"))
     try:
-        model = build_model(meta.preset, meta.tasks)
+        model = build_model(meta.preset, meta.tasks,
+                            organs=any(k.startswith(ORGAN_HEAD_PREFIX) for k in tensors))
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    tensors = as_fp32(load_file(str(path), device="cpu"))
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -17,7 +17,7 @@ def _pretrain(args) -> int:
                  "max_minutes": args.max_minutes, "max_cpu_minutes": args.max_cpu_minutes, "device": args.device,
                  "precision": args.precision, "seed": args.seed,
                  "val_fraction": args.val_fraction, "batch_size": args.batch_size, "lr": args.lr,
-                 "max_cases": args.max_cases}
+                 "max_cases": args.max_cases, "segment_minutes": args.segment_minutes}
     try:
         if args.config:
             cfg = PretrainConfig.from_yaml(args.config, **overrides)
@@ -91,6 +91,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--segment-minutes", type=float, default=None,
+                   help="a first stage of whole-volume lesion + organ segmentation for this many of the minutes")
     p.add_argument("--config", type=Path, default=None, help="YAML (e.g. configs/pretrain.yaml); flags override it")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_pretrain)

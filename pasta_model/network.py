@@ -13,6 +13,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from synth.vocabulary import HOST_ORGANS
+
 from .heads import LEAKY_SLOPE, TASKS, build_head, check_task
 from .presets import Preset, get_preset
 
@@ -89,8 +91,15 @@ def _he_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+ORGAN_HEAD_PREFIX = "organ_head."
+
+
 class PastaNet(nn.Module):
-    def __init__(self, preset: Preset, tasks: Sequence[str] = TASKS):
+    """`organs=True` adds a pointwise organ classifier on the decoder (background + every host organ): a
+    dense pretraining target that teaches anatomy. It belongs to the backbone (in its SHA-256, frozen at
+    the sites, never sent): only `heads.*` are fine-tuned and leave a site."""
+
+    def __init__(self, preset: Preset, tasks: Sequence[str] = TASKS, organs: bool = False):
         super().__init__()
         tasks = list(tasks)
         for task in tasks:
@@ -117,6 +126,8 @@ class PastaNet(nn.Module):
             nn.ConvTranspose3d(d, s, kernel_size=2, stride=2, bias=False) for d, s in zip(deeper, skips))
         self.conv_blocks_localization = nn.ModuleList(
             nn.Sequential(StackedConvLayers(2 * s, s, 1), StackedConvLayers(s, s, 1)) for s in skips)
+        self.organ_names: tuple[str, ...] = HOST_ORGANS if organs else ()
+        self.organ_head = nn.Conv3d(feats[0], len(HOST_ORGANS) + 1, kernel_size=1) if organs else None
         self.apply(_he_init)
         self.heads = nn.ModuleDict({task: build_head(task, preset) for task in tasks})
 
@@ -153,6 +164,18 @@ class PastaNet(nn.Module):
         feats = self.encode(x, decode="segment" in tasks)
         return {task: self.heads[task](head_input(task, feats)) for task in tasks}
 
+    def segment_and_organs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Lesion logits and organ logits (None without an organ head) from one decoder pass."""
+        decoder = self.encode(x, decode=True).decoder
+        organs = self.organ_head(decoder) if self.organ_head is not None else None
+        return self.heads["segment"](decoder), organs
+
+    def organ_logits(self, x: Tensor) -> Tensor:
+        """[B, 1 + len(organ_names), *S]: 0 = background, k = organ_names[k - 1]."""
+        if self.organ_head is None:
+            raise ValueError("this model has no organ head (built without organs=True)")
+        return self.segment_and_organs(x)[1]
+
     def backbone_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.named_parameters():
             if not name.startswith(HEADS_PREFIX):
@@ -168,8 +191,8 @@ class PastaNet(nn.Module):
             param.requires_grad_(False)
 
 
-def build_model(preset: str | Preset, tasks: Sequence[str] = TASKS) -> PastaNet:
-    return PastaNet(get_preset(preset), tasks)
+def build_model(preset: str | Preset, tasks: Sequence[str] = TASKS, organs: bool = False) -> PastaNet:
+    return PastaNet(get_preset(preset), tasks, organs=organs)
 
 
 def head_keys(state_dict_or_model: nn.Module | Mapping[str, object], task: str | None = None) -> list[str]:

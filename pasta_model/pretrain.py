@@ -62,6 +62,10 @@ class PretrainConfig:
     workers: int = 2                       # threads preparing cases
     progress: bool = True
     max_cases: int | None = None
+    # A first stage of this many wall minutes: the backbone, lesion head and an organ head learn
+    # whole-volume segmentation (`pasta_model.segmentation`); the heads' stage after it keeps
+    # interleaving those steps, and the lesion head never trains on lesion-centred crops.
+    segment_minutes: float | None = None
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -76,6 +80,11 @@ class PretrainConfig:
         if unknown:
             raise ValueError(f"loss_weights: unknown task(s) {sorted(unknown)}; valid: {list(TASKS)}")
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **self.loss_weights}
+        if self.segment_minutes is not None and self.segment_minutes <= 0:
+            raise ValueError(f"segment_minutes: {self.segment_minutes} must be > 0 (or unset)")
+        if self.segment_minutes and self.max_minutes and self.segment_minutes >= self.max_minutes:
+            raise ValueError(f"segment_minutes: {self.segment_minutes} must be below max_minutes "
+                             f"({self.max_minutes}), which includes it")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "PretrainConfig":
@@ -155,11 +164,11 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: PastaNet, batch: dict, optimizer: torch.optim.Optimizer, weights: dict,
-               device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """One optimisation step over one batch; returns the loss parts."""
+               device: torch.device, precision: str = "fp32", tasks=None) -> dict[str, float]:
+    """One optimisation step over one batch (all of the model's tasks, or `tasks`); returns the loss parts."""
     batch = to_device(batch, device)
     with autocast(device, precision):
-        outputs = model(channels_last(batch["image"]))
+        outputs = model(channels_last(batch["image"]), tasks=tasks)
     total, parts = compute_losses(outputs, batch, weights)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -221,6 +230,33 @@ def zip_longest_cycle(loaders):
         yield step
 
 
+def segmentation_stage(cfg: PretrainConfig, model: PastaNet, records, train_ids, val_ids, device):
+    """Stage 1 of a `segment_minutes` run: whole-volume lesion + organ segmentation for that budget,
+    scored on up to 16 validation volumes (RUN/segment-stage.json); returns the stepper the heads'
+    stage goes on interleaving. With `resume` and a finished stage, its checkpoint is loaded instead."""
+    from .segmentation import SegmentationRecipe, SegmentationStepper, evaluate_volumes, load_volumes, train_for
+    recipe = SegmentationRecipe.named("pasta", model.preset)
+    by_id = {r.case_id: r for r in records}
+    train = load_volumes([by_id[c] for c in train_ids], recipe, progress=cfg.progress, workers=cfg.workers)
+    stage_ckpt, stage_json = cfg.out / "segment-stage.safetensors", cfg.out / "segment-stage.json"
+    if cfg.resume and stage_ckpt.exists():
+        model.load_state_dict(load_checkpoint(stage_ckpt)[0].state_dict())
+        log.info("resumed: segmentation stage loaded from %s", stage_ckpt)
+    else:
+        _, steps = train_for(recipe, train, cfg.segment_minutes, seed=cfg.seed, model=model, device=str(device.type))
+        val = load_volumes([by_id[c] for c in val_ids[:16]], recipe, workers=cfg.workers)
+        scores = evaluate_volumes(model, recipe, val) if val else {}
+        summary = {"steps": steps, "minutes": cfg.segment_minutes, "train_volumes": len(train),
+                   **{k: v for k, v in scores.items() if k != "cases"}}
+        write_atomic(stage_json, json.dumps(summary, indent=1))
+        save_checkpoint(stage_ckpt, model, extra={"stage": "segmentation", **summary})
+        lesion, organs = summary.get("lesion_dice") or {}, summary.get("organ_dice") or {}
+        log.info("segmentation stage: %d steps, validation lesion Dice %.3f (visible %.3f), organ Dice %.3f",
+                 steps, lesion.get("dice", math.nan), (lesion.get("visible") or {}).get("dice", math.nan),
+                 organs.get("dice", math.nan))
+    return SegmentationStepper(recipe, train, seed=cfg.seed + 1)
+
+
 def pretrain(config: PretrainConfig) -> Path:
     """Train backbone + all heads; returns the path of the last checkpoint."""
     from synth.dataset import read_dataset
@@ -255,7 +291,11 @@ def pretrain(config: PretrainConfig) -> Path:
              len(train_cases), len(val_cases), [len(d) for d in train_ds], device, precision,
              time.monotonic() - t0)
 
-    model = build_model(preset).to(device).to(memory_format=torch.channels_last_3d)
+    model = build_model(preset, organs=bool(cfg.segment_minutes)).to(device).to(memory_format=torch.channels_last_3d)
+    segmenter = None
+    if cfg.segment_minutes:
+        segmenter = segmentation_stage(cfg, model, records, train_ids, val_ids, device)
+    heads_tasks = [t for t in model.tasks if t != "segment"] if segmenter else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, elapsed_before, rows = 1, 0.0, []
     last = out / "last.safetensors"
@@ -311,7 +351,9 @@ def pretrain(config: PretrainConfig) -> Path:
                 g["lr"] = cfg.lr * max(0.0, 1 - min(progress, 1.0)) ** 0.9
             ts, tc = time.monotonic(), time.process_time()
             for b in batches:
-                parts = train_step(model, b, optimizer, cfg.loss_weights, device, precision)
+                parts = train_step(model, b, optimizer, cfg.loss_weights, device, precision, tasks=heads_tasks)
+                if segmenter is not None:
+                    parts["segment_volume"] = segmenter.step(model, optimizer, device)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
