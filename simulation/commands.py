@@ -29,10 +29,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from simulation.runner import simulate
+    from simulation.runner import demo_pretraining, simulate
     out = Path(args.out)
     try:
-        report = simulate(SimulationConfig.load(DEMO_CONFIG), out, resume=(out / "simulation.json").exists())
+        cfg = SimulationConfig.load(DEMO_CONFIG)
+        if not args.skip_pretraining:
+            demo_pretraining(cfg, out)
+        report = simulate(cfg, out, resume=(out / "simulation.json").exists())
     except SimulationConfigError as exc:
         log.error("%s", exc)
         return 2
@@ -56,4 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_simulate)
     d = sub.add_parser("demo", help="the main job: synthetic data, pretraining, a 3-hospital DP federation, a report")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--skip-pretraining", action="store_true",
+                   help="skip the short pretraining the demo shows (the federation uses the shipped model either way)")
     d.set_defaults(func=_demo)
