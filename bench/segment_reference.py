@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import logging
 
 import torch
 
