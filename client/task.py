@@ -31,7 +31,7 @@ from client.privacy.tamper import StateMismatch, check_state
 from client.site_config import SiteConfig
 from pasta_model.checkpoint import backbone_sha256, load_checkpoint, read_meta, save_checkpoint
 from pasta_model.finetune import head_loss, output_layer_only, predict_head
-from pasta_model.network import PastaNet, backbone_keys, build_model
+from pasta_model.network import ORGAN_HEAD_PREFIX, PastaNet, backbone_keys, build_model
 from pasta_model.protocol import (DELTA, EPSILON, NOISE_MULTIPLIER, NUM_EXAMPLES, SAMPLE_RATE, STEPS, ErrorCode,
                                   ProtocolError, RoundConfig, arrays_to_heads, check_array_dtypes,
                                   heads_to_arrays)
@@ -114,7 +114,8 @@ class SiteAgent:
             raise SiteRefused(f"site {self.config.site}: backbone {sha256[:12]}... not accepted "
                               f"(backbones.accept_from_coordinator: {self.config.backbones.accept_from_coordinator})",
                               REFUSED_BACKBONE)
-        model = build_model(preset)
+        # a backbone with an organ probe (pretrain --segment-minutes) carries its keys: build that shape
+        model = build_model(preset, organs=any(k.startswith(ORGAN_HEAD_PREFIX) for k in arrays))
         expected = set(backbone_keys(model))
         if set(arrays) != expected:
             raise SiteRefused(f"backbone payload keys do not match preset {preset!r}", REFUSED_BACKBONE)

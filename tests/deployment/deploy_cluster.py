@@ -224,7 +224,7 @@ class Cluster:
     # -- the flwr CLI -------------------------------------------------------------------
     def run(self, cmd: list[str], timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, cwd=cwd or self.root, env=self.env, capture_output=True,
-                              text=True, timeout=timeout, check=False)
+                              text=True, encoding="utf-8", timeout=timeout, check=False)
 
     def flwr(self, *args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return self.run(["flwr", *args], timeout=timeout, cwd=cwd)

@@ -393,14 +393,14 @@ def test_real_superlink_serves_tls_that_only_the_consortium_ca_trusts(
     (flwr_home / "config.toml").write_text(handout.flower_config)
     cmd = handout.register_command
     res = subprocess.run([str(VENV_BIN / cmd[0]), *cmd[1:]], env=env, capture_output=True,
-                         text=True, timeout=60, check=False)
+                         text=True, encoding="utf-8", timeout=60, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "registered successfully" in res.stdout
 
 
 def _flwr(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "flwr"), *args], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, encoding="utf-8", timeout=60, check=False)
 
 
 @pytest.mark.slow

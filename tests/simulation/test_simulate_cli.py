@@ -46,7 +46,7 @@ def test_simulate_killed_after_round_one_resumes_to_an_honest_end(tmp_path: Path
     try:
         deadline = time.monotonic() + 600
         while not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("round-001*")):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert proc.poll() is None, (tmp_path / "first.log").read_text(encoding="utf-8")[-4000:]
             assert time.monotonic() < deadline, "round 1 never completed"
             time.sleep(0.05)
     finally:
@@ -57,11 +57,12 @@ def test_simulate_killed_after_round_one_resumes_to_an_honest_end(tmp_path: Path
 
     # a second start without --resume must not overwrite the run
     again = subprocess.run([*PASTA_FED, "simulate", "--config", str(config), "--out", str(run)], cwd=ROOT,
-                           env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+                           env=_env(tmp_path), capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr
 
     done = subprocess.run([*PASTA_FED, "simulate", "--resume", str(run)], cwd=ROOT, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=900, start_new_session=True)
+                          capture_output=True, text=True, encoding="utf-8", timeout=900,
+                          start_new_session=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == f"report: {run / 'report.md'}"
 
