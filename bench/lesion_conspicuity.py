@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pasta_model.presets import load_presets  # noqa: E402
 from synth.conspicuity import measure  # noqa: E402
 from synth.dataset import read_dataset  # noqa: E402
+from synth.measure import DENSITY_HU  # noqa: E402
 from synth.run import generate_dataset  # noqa: E402
-
-DENSITY_HU = 10.0
 
 
 def image_density(contrast: float) -> str:

@@ -95,8 +95,8 @@ ORGAN_HEAD_PREFIX = "organ_head."
 
 
 class PastaNet(nn.Module):
-    """`organs=True` adds a pointwise organ classifier on the decoder (background + every host organ): a
-    dense pretraining target that teaches anatomy. It belongs to the backbone (in its SHA-256, frozen at
+    """`organs=True` adds a pointwise organ classifier on the decoder (background + every host organ), a
+    probe of what the backbone knows of anatomy. It belongs to the backbone (in its SHA-256, frozen at
     the sites, never sent): only `heads.*` are fine-tuned and leave a site."""
 
     def __init__(self, preset: Preset, tasks: Sequence[str] = TASKS, organs: bool = False):
@@ -165,9 +165,13 @@ class PastaNet(nn.Module):
         return {task: self.heads[task](head_input(task, feats)) for task in tasks}
 
     def segment_and_organs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Lesion logits and organ logits (None without an organ head) from one decoder pass."""
+        """Lesion logits and organ logits (None without an organ head) from one decoder pass.
+
+        The organ head reads the decoder through `detach()`: in the tiny preset (8 decoder channels) a
+        shared organ loss took the features over and the lesion head learned nothing, even on one
+        repeated batch (docs/model.md), so organs are a probe, not a training signal for the backbone."""
         decoder = self.encode(x, decode=True).decoder
-        organs = self.organ_head(decoder) if self.organ_head is not None else None
+        organs = self.organ_head(decoder.detach()) if self.organ_head is not None else None
         return self.heads["segment"](decoder), organs
 
     def organ_logits(self, x: Tensor) -> Tensor:

@@ -3,8 +3,8 @@
 Why a recipe of its own: lesion-centred crops teach a network only "the lesion is in the
 middle of the window" (docs/model.md). Here crops come from whole volumes through MONAI's
 `RandCropByPosNegLabeld` (nnU-Net's foreground oversampling: 2 of 3 crops hold lesion voxels,
-at a random place in the window), and every voxel also carries its organ from total.nii.gz,
-a dense target that teaches the backbone anatomy, against which a lesion is a deviation.
+at a random place in the window). Every voxel also carries its organ from total.nii.gz, which
+PastaNet's organ head learns as a probe of the backbone (see `PastaNet.segment_and_organs`).
 """
 from __future__ import annotations
 
@@ -30,10 +30,9 @@ from synth.vocabulary import HOST_ORGANS
 from .network import PastaNet
 from .presets import Preset
 from .pretrain import autocast, channels_last, select_device
-from .transforms import PastaHUMapd, load_keys
+from .transforms import LESION_LABEL, PastaHUMapd, load_keys
 
 log = logging.getLogger(__name__)
-LESION_LABEL = 2
 ORGAN_NAMES: tuple[str, ...] = HOST_ORGANS   # PastaNet's organ head: 0 = background, k = ORGAN_NAMES[k - 1]
 
 
@@ -71,14 +70,8 @@ class SegmentationRecipe:
 
 
 def forward(model: nn.Module, recipe: SegmentationRecipe, x: Tensor):
-    """label3 nets: their logits. PastaNet: lesion logits and organ logits, the organ head reading the
-    decoder through `detach()`: in the tiny preset (8 decoder channels) a shared organ loss took the
-    features over and the lesion head learned nothing, even on one repeated batch (docs/model.md), so
-    the organ head is a probe of what the backbone knows of anatomy, not a training signal for it."""
-    if recipe.target == "label3":
-        return model(x)
-    decoder = model.encode(x, decode=True).decoder
-    return model.heads["segment"](decoder), model.organ_head(decoder.detach())
+    """label3 nets: their logits. PastaNet: lesion logits and organ logits."""
+    return model(x) if recipe.target == "label3" else model.segment_and_organs(x)
 
 
 def _preprocess(recipe: SegmentationRecipe) -> Compose:
