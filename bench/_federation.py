@@ -60,7 +60,7 @@ class PeakMemory:
             self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
             time.sleep(self.every)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 

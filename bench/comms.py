@@ -14,11 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
-from pasta_model.heads import TASKS  # noqa: E402
-from pasta_model.network import build_model  # noqa: E402
-from pasta_model.protocol import heads_to_array_record  # noqa: E402
+from pasta_model.heads import TASKS
+from pasta_model.network import build_model
+from pasta_model.protocol import heads_to_array_record
 
 TARGET_PAPER_RATIO = 0.02
 

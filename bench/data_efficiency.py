@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pasta_model import finetune as F  # noqa: E402
-from pasta_model.checkpoint import load_checkpoint  # noqa: E402
-from pasta_model.heads import build_head  # noqa: E402
-from pasta_model.network import build_model  # noqa: E402
+from pasta_model import finetune as F
+from pasta_model.checkpoint import load_checkpoint
+from pasta_model.heads import build_head
+from pasta_model.network import build_model
+from pasta_model.targets import labels_from_report
 
 log = logging.getLogger("data_efficiency")
 TASKS = ("report", "segment")
@@ -47,6 +48,7 @@ def shift_scanner(root: Path, noise_hu: float, hu_offset: float, blur_mm: float,
     """The hospital's scanner: extra noise, a calibration offset and blur on every img.nii.gz."""
     import nibabel as nib
     from scipy import ndimage
+
     from synth.dataset import read_dataset
     rng = np.random.default_rng(seed)
     for r in read_dataset(root):
@@ -89,7 +91,7 @@ def features(model, records, preset) -> tuple[list, list, list]:
         lesion.meta = lab.meta
         crop, mcrop = F.preprocess_region(preset, img, lesion)
         p, d = F.encode_region(model, crop, decode=True)
-        pooled.append(p), decoder.append(d), masks.append(mcrop), labels.append(F.labels_from_report(r.report()))
+        pooled.append(p), decoder.append(d), masks.append(mcrop), labels.append(labels_from_report(r.report()))
     return torch.stack(pooled), torch.stack(decoder), masks, labels
 
 

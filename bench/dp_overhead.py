@@ -25,9 +25,9 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.privacy.dp_trainer import resolve_device, train_head_dp, train_head_plain  # noqa: E402
-from pasta_model.heads import build_head  # noqa: E402
-from pasta_model.presets import get_preset  # noqa: E402
+from client.privacy.dp_trainer import resolve_device, train_head_dp, train_head_plain
+from pasta_model.heads import build_head
+from pasta_model.presets import get_preset
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
 
 def cache_comparison(preset, n, seg_y, args, device) -> dict:
     """Segment head, one DP epoch: features from the on-disk cache vs re-encoded by the tiny backbone."""
-    from pasta_model.features import FeatureCache, extract_features
+    from safetensors.torch import load_file, save_file
+
     from pasta_model.network import build_model
 
     model = build_model(preset, tasks=("segment",)).to(device)
@@ -124,19 +125,21 @@ def cache_comparison(preset, n, seg_y, args, device) -> dict:
     crops = torch.randn(n, 1, preset.crop_size, preset.crop_size, preset.crop_size, generator=g)
     enc_batch = 8
 
+    @torch.no_grad()
     def encode_all() -> torch.Tensor:
-        parts = [extract_features(model, crops[i:i + enc_batch], decode=True).decoder
+        model.eval()
+        parts = [model.encode(crops[i:i + enc_batch].to(device), decode=True).decoder.cpu()
                  for i in range(0, n, enc_batch)]
         return torch.cat(parts)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = FeatureCache(tmp, "0" * 64)
-        feats = encode_all()
-        for i in range(n):  # what the agent writes once per case (float16 decoder features)
-            cache.put(f"case{i:04d}", {"decoder": feats[i].to(torch.float16)})
+        # what the agent's cache (client.features) writes once per case: float16 decoder features
+        paths = [Path(tmp) / f"case{i:04d}.safetensors" for i in range(n)]
+        for path, feats in zip(paths, encode_all()):
+            save_file({"decoder": feats.to(torch.float16).contiguous()}, str(path))
 
         def load_all() -> torch.Tensor:
-            return torch.stack([cache.get(f"case{i:04d}")["decoder"].float() for i in range(n)])
+            return torch.stack([load_file(str(path))["decoder"].float() for path in paths])
 
         def epoch(get_features):
             def run():
@@ -156,7 +159,8 @@ def cache_comparison(preset, n, seg_y, args, device) -> dict:
         t_load = timed(load_all, device, args.repeats)
         t_encode = timed(encode_all, device, args.repeats)
     print(f"segment epoch with feature cache {t_cached:8.3f} s (load {t_load:.3f} s)   "
-          f"re-encoding every epoch {t_uncached:8.3f} s (encode {t_encode:.3f} s)   speedup {t_uncached / t_cached:5.2f}")
+          f"re-encoding every epoch {t_uncached:8.3f} s (encode {t_encode:.3f} s)   "
+          f"speedup {t_uncached / t_cached:5.2f}")
     return {"cache_speedup": round(t_uncached / t_cached, 3), "cached_epoch_s": round(t_cached, 3),
             "uncached_epoch_s": round(t_uncached, 3), "encode_s": round(t_encode, 3), "load_s": round(t_load, 3)}
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _federation import make_pretrained, make_sites  # noqa: E402
+from _federation import make_pretrained, make_sites
 
 
 def main() -> None:
@@ -30,9 +30,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from client.site_config import load_site_config
     from client.task import SiteAgent
-    from pasta_model.checkpoint import read_meta
+    from pasta_model.checkpoint import load_checkpoint, read_meta
     from pasta_model.protocol import RoundConfig, heads_to_arrays
-    from pasta_model.checkpoint import load_checkpoint
     from server.run_state import RunDirectory
     from server.settings import RunSettings
     from simulation.federation import run_federated

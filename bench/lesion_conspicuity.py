@@ -22,11 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pasta_model.presets import load_presets  # noqa: E402
-from synth.conspicuity import measure  # noqa: E402
-from synth.dataset import read_dataset  # noqa: E402
-from synth.measure import DENSITY_HU  # noqa: E402
-from synth.run import generate_dataset  # noqa: E402
+from pasta_model.presets import load_presets
+from synth.conspicuity import measure
+from synth.dataset import read_dataset
+from synth.measure import DENSITY_HU
+from synth.run import generate_dataset
 
 
 def image_density(contrast: float) -> str:

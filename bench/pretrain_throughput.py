@@ -21,12 +21,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pasta_model.data import build_datasets, prepare_cases, region_plan  # noqa: E402
-from pasta_model.network import build_model  # noqa: E402
-from pasta_model.presets import get_preset  # noqa: E402
-from pasta_model.pretrain import (  # noqa: E402
-    DEFAULT_LOSS_WEIGHTS, PretrainConfig, autocast, channels_last, compute_losses, make_loaders, resolve_precision, select_device,
-    to_device, train_step, zip_longest_cycle)
+from pasta_model.data import build_datasets, prepare_cases, region_plan
+from pasta_model.network import build_model
+from pasta_model.presets import get_preset
+from pasta_model.pretrain import (
+    DEFAULT_LOSS_WEIGHTS,
+    PretrainConfig,
+    autocast,
+    channels_last,
+    compute_losses,
+    make_loaders,
+    resolve_precision,
+    select_device,
+    to_device,
+    train_step,
+    zip_longest_cycle,
+)
 
 
 def make_data(root: Path, n: int, size: int, seed: int) -> Path:

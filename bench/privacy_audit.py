@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._federation import make_pretrained  # noqa: E402
-from client.privacy.empirical_audit import run_audit  # noqa: E402
-from client.site_config import load_site_config  # noqa: E402
-from simulation.hospitals import build_site, make_profiles  # noqa: E402
+from bench._federation import make_pretrained
+from client.privacy.empirical_audit import run_audit
+from client.site_config import load_site_config
+from simulation.hospitals import build_site, make_profiles
 
 
 def _case(result, wall: float) -> dict:

@@ -26,14 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pasta_model.data import prepare_cases, region_plan, split_cases  # noqa: E402
-from pasta_model.losses import segmentation_loss  # noqa: E402
-from pasta_model.metrics import dice  # noqa: E402
-from pasta_model.network import build_model  # noqa: E402
-from pasta_model.presets import get_preset  # noqa: E402
-from pasta_model.pretrain import autocast, channels_last, resolve_precision, select_device  # noqa: E402
-from pasta_model.transforms import centred_crop, plain  # noqa: E402
-from synth.dataset import read_dataset  # noqa: E402
+from pasta_model.data import prepare_cases, region_plan, split_cases
+from pasta_model.losses import segmentation_loss
+from pasta_model.metrics import dice
+from pasta_model.network import build_model
+from pasta_model.presets import get_preset
+from pasta_model.pretrain import autocast, channels_last, resolve_precision, select_device
+from pasta_model.transforms import centred_crop, plain
+from synth.dataset import read_dataset
 
 HU_PER_UNIT = 400 / 0.7      # the PASTA map's soft-tissue band: -200..200 HU -> 0.2..0.9
 
@@ -107,7 +107,8 @@ def main() -> int:
     train_ids, val_ids = split_cases([c["case_id"] for c in prepared], args.val_fraction, 0)
     runs = []
     for boost in [float(b) for b in args.boost_hu.split(",")]:
-        def tensors(c):
+        # called within this iteration only; boost is bound so the closure and the reader agree
+        def tensors(c, boost=boost):
             m = c["lesion_mask"].float()
             return ((c["lesion_image"].float() + m * (boost / HU_PER_UNIT)).to(device), m.to(device))
         train = [tensors(c) for c in prepared if c["case_id"] in set(train_ids)]

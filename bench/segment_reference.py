@@ -31,10 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pasta_model.presets import get_preset  # noqa: E402
-from pasta_model.segmentation import (SegmentationRecipe, evaluate_volumes, load_volumes,  # noqa: E402
-                                      train_for)
-from synth.run import generate_dataset  # noqa: E402
+from pasta_model.presets import get_preset
+from pasta_model.segmentation import SegmentationRecipe, evaluate_volumes, load_volumes, train_for
+from synth.run import generate_dataset
 
 
 def _dataset(root: Path, n: int, seed: int, size: int) -> Path:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _federation import PeakMemory, make_pretrained, make_sites  # noqa: E402
+from _federation import PeakMemory, make_pretrained, make_sites
 
 
 def main() -> None:

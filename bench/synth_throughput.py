@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synth.dataset import read_dataset, write_case  # noqa: E402
-from synth.generate import Case, GenConfig  # noqa: E402
-from synth.run import generate_dataset  # noqa: E402
+from synth.dataset import read_dataset, write_case
+from synth.generate import Case, GenConfig
+from synth.run import generate_dataset
 
 
 def _write_only(args) -> tuple[float, float]:

@@ -10,9 +10,9 @@ log and audit log. No exception reaches Flower, which would send its text.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -23,16 +23,26 @@ from client.privacy.dp_metrics import released_metric_names
 from client.privacy.outbox import DP_METRICS, OutboxPolicy, OutboxRefused, release
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.task import SiteAgent, SiteRefused
-from pasta_model.protocol import ErrorCode, ProtocolError, RoundConfig, check_incoming_heads, error_message
+from pasta_model.presets import preset_names
+from pasta_model.protocol import (
+    ACTION_HAS_BACKBONE,
+    ACTION_INSTALL_BACKBONE,
+    HAS_BACKBONE,
+    QUERY_ACTIONS,
+    SITE_RECORD,
+    ErrorCode,
+    ProtocolError,
+    RoundConfig,
+    check_incoming_heads,
+    error_message,
+)
 from synth.atomic import clean_stale_temp_files
 
 log = logging.getLogger(__name__)
 
 NODE_CONFIG_KEY = "hospital-config"
-SITE_RECORD = "site"
 # DP bookkeeping and what a DP evaluation releases; nothing un-noised (no loss, no c-index)
 ALLOWED_METRICS = DP_METRICS | released_metric_names()
-PRESETS = ("tiny", "small", "base", "paper")
 QUERY_KEYS = frozenset({"action", "backbone-sha256", "preset"})
 
 SiteResolver = Callable[[Context], Path]
@@ -127,7 +137,7 @@ def _answering(handler):
         ex = _Exchange(msg)
         try:
             return handler(ex, context, resolve)
-        except Exception as exc:   # noqa: BLE001 - Flower would send the exception's text
+        except Exception as exc:
             return _refuse(ex, exc)
     answer.__doc__ = handler.__doc__
     return answer
@@ -196,9 +206,9 @@ def _query(msg: Message) -> tuple[str, str]:
     sha, action = cfg.get("backbone-sha256"), cfg.get("action")
     if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise ProtocolError("query: backbone-sha256 must be 64 hex digits")
-    if action not in ("has-backbone", "install-backbone"):
+    if action not in QUERY_ACTIONS:
         raise ProtocolError(f"query: unknown action {action!r}")
-    if action == "install-backbone" and cfg.get("preset") not in PRESETS:
+    if action == ACTION_INSTALL_BACKBONE and cfg.get("preset") not in preset_names():
         raise ProtocolError(f"query: unknown preset {cfg.get('preset')!r}")
     return action, sha
 
@@ -208,14 +218,15 @@ def handle_query(ex: _Exchange, context: Context, resolve: SiteResolver) -> Mess
     """Backbone handshake: `has-backbone`, then (if needed) `install-backbone` with the weights."""
     agent = ex.agent = _agent(resolve(context))
     ex.action, sha = _query(ex.msg)
-    if ex.action == "has-backbone":
+    if ex.action == ACTION_HAS_BACKBONE:
         has = agent.has_backbone(sha)
     else:
         preset = str(ex.msg.content["config"]["preset"])
+        # numpy, not to_torch_state_dict(): the dtype check must see the wire's dtypes, unconverted
         payload = {k: v.numpy() for k, v in _record(ex.msg, "backbone", ArrayRecord).items()}
         agent.install_backbone(sha, preset, payload)
         has = True
-    metrics = {"has-backbone": int(has)}
+    metrics = {HAS_BACKBONE: int(has)}
     AuditLog(agent.config.state_dir).append(AuditRecord.describe(
         run_id=f"flower-{ex.msg.metadata.run_id}", round=0, message_type=f"query:{ex.action}", arrays={},
         metrics=metrics, site=agent.config.site))

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from pasta_model.protocol import TASKS
 from synth.vocabulary import ATTRIBUTES
 
 from .features import validation_patients
@@ -16,7 +17,6 @@ from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
 
-TASKS = ("segment", "detect", "report", "stage", "survival")
 
 
 @dataclass
@@ -92,7 +92,7 @@ def summarize(config: SiteConfig, checks: list[CaseCheck], scan) -> dict:
     spacings = np.array([c.spacing for c in ok]) if ok else np.zeros((0, 3))
 
     def counts(attr: str) -> dict[str, int]:
-        values = [getattr(l, attr) for l in ok_labels if getattr(l, attr) is not None]
+        values = [getattr(label, attr) for label in ok_labels if getattr(label, attr) is not None]
         return {str(k).lower(): v for k, v in sorted(Counter(values).items(), key=str)}
 
     balance = {

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from synth.atomic import atomic_path
 
-from .ingest import IngestError, LoadedCase, read_case, scan_site
+from .ingest import LoadedCase, read_case, scan_site
 from .site_config import SiteConfig
 
 DEFAULT_WINDOW = (40.0, 400.0)   # HU level, width: soft tissue
@@ -97,10 +97,11 @@ def write_png(config: SiteConfig, case: LoadedCase, out: Path,
         centre = np.array(hu.shape) // 2
     level, width = window
     lo, hi = level - width / 2, level + width / 2
+    mask_arr = None if mask is None else sitk.GetArrayViewFromImage(mask)
     planes = [  # (title, 2D slice rows x cols, mask slice, aspect = row mm / col mm, flip)
-        ("axial", hu[centre[0]], None if mask is None else sitk.GetArrayViewFromImage(mask)[centre[0]], sy / sx, False),
-        ("coronal", hu[:, centre[1]], None if mask is None else sitk.GetArrayViewFromImage(mask)[:, centre[1]], sz / sx, True),
-        ("sagittal", hu[:, :, centre[2]], None if mask is None else sitk.GetArrayViewFromImage(mask)[:, :, centre[2]], sz / sy, True),
+        ("axial", hu[centre[0]], None if mask_arr is None else mask_arr[centre[0]], sy / sx, False),
+        ("coronal", hu[:, centre[1]], None if mask_arr is None else mask_arr[:, centre[1]], sz / sx, True),
+        ("sagittal", hu[:, :, centre[2]], None if mask_arr is None else mask_arr[:, :, centre[2]], sz / sy, True),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     for ax, (title, plane, mplane, aspect, flip) in zip(axes, planes):

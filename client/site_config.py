@@ -231,7 +231,7 @@ class _Reader:
                 raise self.fail(f"{prefix}{key}", f"unknown key (allowed: {allowed})")
 
 
-def _backbone_policy(r: "_Reader", raw: dict) -> BackbonePolicy:
+def _backbone_policy(r: _Reader, raw: dict) -> BackbonePolicy:
     policy_raw = r.take(raw, "", "backbones", _mapping, required=False, default={})
     r.no_unknown(policy_raw, "backbones.", {"accept_from_coordinator", "allowed_sha256"})
     policy = BackbonePolicy(

@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -32,9 +32,20 @@ from client.site_config import SiteConfig
 from pasta_model.checkpoint import backbone_sha256, load_checkpoint, read_meta, save_checkpoint
 from pasta_model.finetune import head_loss, output_layer_only, predict_head
 from pasta_model.network import ORGAN_HEAD_PREFIX, PastaNet, backbone_keys, build_model
-from pasta_model.protocol import (DELTA, EPSILON, NOISE_MULTIPLIER, NUM_EXAMPLES, SAMPLE_RATE, STEPS, ErrorCode,
-                                  ProtocolError, RoundConfig, arrays_to_heads, check_array_dtypes,
-                                  heads_to_arrays)
+from pasta_model.protocol import (
+    DELTA,
+    EPSILON,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    SAMPLE_RATE,
+    STEPS,
+    ErrorCode,
+    ProtocolError,
+    RoundConfig,
+    arrays_to_heads,
+    check_array_dtypes,
+    heads_to_arrays,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
 """`pasta-fed pretrain | predict | evaluate` (and the `model` group from cli_model)."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys

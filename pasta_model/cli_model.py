@@ -137,8 +137,9 @@ def cmd_ship(args: argparse.Namespace) -> int:
         return 2
     from .shipped import SHIPPED_FILE, card_summary, shipped_dir
     out = Path(args.out) if args.out is not None else shipped_dir()
-    print(f"wrote {out / SHIPPED_FILE} ({card['file']['bytes'] / 1e6:.2f} MB float16, sha256 {card['file']['sha256']}; "
-          f"round trip max |diff| {card['round_trip']['max_abs_diff']:.3g}, allowed {card['round_trip']['allowed']:.3g})")
+    print(f"wrote {out / SHIPPED_FILE} ({card['file']['bytes'] / 1e6:.2f} MB float16, "
+          f"sha256 {card['file']['sha256']}; round trip max |diff| {card['round_trip']['max_abs_diff']:.3g}, "
+          f"allowed {card['round_trip']['allowed']:.3g})")
     for line in card_summary(card):
         print(f"card {line}")
     return 0

@@ -30,13 +30,19 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from synth.vocabulary import ATTRIBUTES, HOST_ORGANS, LESION_TYPE_NAMES, T_STAGES
-
-from .heads import DETECT_OUTPUTS, REPORT_OUTPUTS
+from .heads import REPORT_OUTPUTS
 from .losses import IGNORE_INDEX
 from .presets import Preset
-from .transforms import (LESION_LABEL, plain, build_preprocess, centred_crop, largest_component_center, mask_center,
-                         negative_centers)
+from .targets import detect_vector, labels_from_report, report_indices, stage_index
+from .transforms import (
+    LESION_LABEL,
+    build_preprocess,
+    centred_crop,
+    largest_component_center,
+    mask_center,
+    negative_centers,
+    plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +50,24 @@ REPORT_NAMES: tuple[str, ...] = tuple(REPORT_OUTPUTS)   # shape, density, ..., l
 
 
 # ---------------------------------------------------------------- targets (pure)
-def _index(value, vocab: Sequence[str]) -> int:
-    return vocab.index(value) if value in vocab else IGNORE_INDEX
-
-
 def case_targets(report: dict) -> dict:
     """type.json -> class indices and survival fields; unknown or missing labels -> IGNORE_INDEX."""
-    lesion = (report.get("lesions") or [{}])[0]
-    rep = {name: _index(lesion.get(name), classes) for name, classes in ATTRIBUTES.items()}
-    rep["lesion_type"] = _index(report.get("lesion_type"), LESION_TYPE_NAMES)
-    months, event = report.get("survival_months"), report.get("survival_event")
+    row = labels_from_report(report)
+    months, event = row["survival_months"], row["survival_event"]
     has_surv = months is not None and event is not None
     return {
-        "report": rep,
-        "stage": _index(report.get("t_stage"), T_STAGES),
+        "report": report_indices(row),
+        "stage": stage_index(row),
         "time": float(months) if has_surv else 0.0,
         "event": float(bool(event)) if has_surv else 0.0,
         "has_survival": float(has_surv),
-        "detect": detect_target(report.get("organ"), positive=True),
+        "detect": detect_target(row["organ"], positive=True),
     }
 
 
 def detect_target(organ: str | None, positive: bool) -> list[float]:
     """Multi-hot [any] + HOST_ORGANS for a crop (all zero for a lesion-free crop)."""
-    out = [0.0] * len(DETECT_OUTPUTS)
-    if positive:
-        out[0] = 1.0
-        if organ in HOST_ORGANS:
-            out[1 + HOST_ORGANS.index(organ)] = 1.0
-    return out
+    return detect_vector(positive, organ)[0]
 
 
 def negative_targets() -> dict:
@@ -153,8 +148,11 @@ def prepare_cases(records, preset: Preset, plan: RegionPlan, cache_dir: Path | N
     if cache_dir is not None:
         folder = Path(cache_dir) / f"{preset.name}-{preset.spacing_mm:g}mm-{plan.key()}"
         folder.mkdir(parents=True, exist_ok=True)
-        ds = PersistentDataset(items, transform=transform, cache_dir=folder,
-                               hash_func=lambda x: hashlib.md5(json.dumps(x, sort_keys=True).encode()).hexdigest().encode())
+
+        def item_hash(item) -> bytes:
+            return hashlib.md5(json.dumps(item, sort_keys=True).encode()).hexdigest().encode()
+
+        ds = PersistentDataset(items, transform=transform, cache_dir=folder, hash_func=item_hash)
         get = ds.__getitem__
     else:
         get = lambda i: transform(items[i])  # noqa: E731

@@ -339,7 +339,8 @@ def format_table(result: dict) -> str:
     lines = [f"cases {result['cases']}  preset {result['preset']}",
              f"lesion Dice {result['dice']:.3f} (median {result['dice_median']:.3f})  HD95 {result['hd95_mm']:.1f} mm"
              f"  crop Dice {result['crop_dice']:.3f}",
-             f"detect AUC {result['detect_auc']:.3f}  stage acc {result['stage_acc']:.3f}  C-index {result['c_index']:.3f}"]
+             f"detect AUC {result['detect_auc']:.3f}  stage acc {result['stage_acc']:.3f}"
+             f"  C-index {result['c_index']:.3f}"]
     lines += _fmt_lesion_dice(result.get("lesion_dice")) + _fmt_detect(result.get("detect_auc_by_organ"))
     lines += _fmt_organs(result) + _fmt_attributes(result)
     return "\n".join(lines)

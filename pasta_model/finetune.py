@@ -9,8 +9,8 @@ survival_months, survival_event, the five report attributes and lesion_type.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,15 +18,16 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
-from synth.vocabulary import ATTRIBUTES, HOST_ORGANS, LESION_TYPE_NAMES, T_STAGES
+from synth.vocabulary import ATTRIBUTES, T_STAGES
 
 from . import metrics as M
 from .heads import DETECT_OUTPUTS, REPORT_OUTPUTS, split_report_logits
 from .losses import IGNORE_INDEX
 from .network import PastaNet
-from .transforms import AIR_VALUE, build_preprocess, centred_crop, mask_center
+from .targets import detect_vector, report_indices, stage_index
+from .transforms import AIR_VALUE, build_preprocess, centred_crop, largest_component_center
 
-PREPROCESS_VERSION = "pasta-fed-features-2"   # bump when regions or preprocessing change (cache key)
+PREPROCESS_VERSION = "pasta-fed-features-3"   # bump when regions or preprocessing change (cache key)
 LABEL_KEYS = ("tumor_present", "organ", "t_stage", "survival_months", "survival_event",
               *ATTRIBUTES, "lesion_type")
 # The metric each task is judged by (the demo and reports lead with it).
@@ -38,13 +39,6 @@ PRIMARY_METRIC = {"segment": "dice", "detect": "auc", "report": "accuracy", "sta
 
 
 # ------------------------------------------------------------------ regions -> features
-@dataclass
-class CaseFeatures:
-    pooled: Tensor                 # [C_deep]
-    decoder: Tensor | None         # [C0, S, S, S] (segment only)
-    mask: Tensor | None            # [S, S, S] uint8 lesion mask of the crop (when a mask exists)
-
-
 def preprocess_region(preset, image, lesion_mask=None, center: Sequence[int] | None = None
                       ) -> tuple[Tensor, Tensor | None]:
     """HU MetaTensor [1, X, Y, Z] (+ lesion mask) -> the crop the heads see.
@@ -57,14 +51,17 @@ def preprocess_region(preset, image, lesion_mask=None, center: Sequence[int] | N
         {"image": image, **({"label": lesion_mask} if lesion_mask is not None else {})})
     img = d["image"].as_tensor()
     mask = (d["label"].as_tensor() > 0).to(torch.uint8) if lesion_mask is not None else None
-    c = (mask_center(mask[0]) if mask is not None else None) or center or [s // 2 for s in img.shape[1:]]
+    # the primary (largest) lesion component, as in pretraining and prediction
+    c = (largest_component_center(mask[0]) if mask is not None else None) or center or [s // 2 for s in img.shape[1:]]
     crop = centred_crop(img, c, preset.crop_size, AIR_VALUE).as_tensor()
     mcrop = centred_crop(mask, c, preset.crop_size, 0).as_tensor()[0] if mask is not None else None
     return crop, mcrop
 
 
 @torch.no_grad()
+@torch.no_grad()
 def encode_region(model: PastaNet, crop: Tensor, decode: bool) -> tuple[Tensor, Tensor | None]:
+    """Pooled [C_deep] and float16 decoder [C0, S, S, S] features of one crop (eval mode, no graph)."""
     model.eval()
     dev = next(model.parameters()).device
     feats = model.encode(crop[None].to(dev), decode=decode)
@@ -72,20 +69,6 @@ def encode_region(model: PastaNet, crop: Tensor, decode: bool) -> tuple[Tensor, 
 
 
 # ------------------------------------------------------------------ labels -> targets
-def labels_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
-    """A synthetic case's type.json as a labels-CSV row (what a hospital would know)."""
-    lesion = (report.get("lesions") or [{}])[0]
-    return {
-        "tumor_present": bool(report.get("lesions")),
-        "organ": report.get("organ"),
-        "t_stage": report.get("t_stage"),
-        "survival_months": report.get("survival_months"),
-        "survival_event": report.get("survival_event"),
-        **{name: lesion.get(name) for name in ATTRIBUTES},
-        "lesion_type": report.get("lesion_type"),
-    }
-
-
 def usable_for(task: str, labels: Mapping[str, Any], has_mask: bool) -> bool:
     if task == "segment":
         return has_mask
@@ -100,10 +83,6 @@ def usable_for(task: str, labels: Mapping[str, Any], has_mask: bool) -> bool:
     raise ValueError(f"unknown task {task!r}")
 
 
-def _index(value, vocab: Sequence[str]) -> int:
-    return vocab.index(value) if value in vocab else IGNORE_INDEX
-
-
 def encode_targets(task: str, labels: Sequence[Mapping[str, Any]], masks: Sequence[Tensor] | None = None
                    ) -> dict[str, Tensor]:
     """Rows of labels -> the target tensors `head_loss(task)` and `evaluate_head` read."""
@@ -112,23 +91,14 @@ def encode_targets(task: str, labels: Sequence[Mapping[str, Any]], masks: Sequen
             raise ValueError("segment targets need lesion masks")
         return {"mask": torch.stack([m.long() for m in masks])}
     if task == "detect":
-        target = torch.zeros(len(labels), len(DETECT_OUTPUTS))
-        weight = torch.ones(len(labels), len(DETECT_OUTPUTS))
-        for i, lab in enumerate(labels):
-            if lab.get("tumor_present"):
-                target[i, 0] = 1.0
-                if lab.get("organ") in HOST_ORGANS:
-                    target[i, 1 + HOST_ORGANS.index(lab["organ"])] = 1.0
-                else:
-                    weight[i, 1:] = 0.0      # tumor somewhere, organ unknown: only "any" is known
-        return {"detect": target, "weight": weight}
+        pairs = [detect_vector(bool(lab.get("tumor_present")), lab.get("organ")) for lab in labels]
+        return {"detect": torch.tensor([t for t, _ in pairs]).reshape(len(labels), len(DETECT_OUTPUTS)),
+                "weight": torch.tensor([w for _, w in pairs]).reshape(len(labels), len(DETECT_OUTPUTS))}
     if task == "report":
-        out = {name: torch.tensor([_index(lab.get(name), classes) for lab in labels])
-               for name, classes in ATTRIBUTES.items()}
-        out["lesion_type"] = torch.tensor([_index(lab.get("lesion_type"), LESION_TYPE_NAMES) for lab in labels])
-        return out
+        rows = [report_indices(lab) for lab in labels]
+        return {name: torch.tensor([row[name] for row in rows], dtype=torch.long) for name in REPORT_OUTPUTS}
     if task == "stage":
-        return {"stage": torch.tensor([_index(lab.get("t_stage"), T_STAGES) for lab in labels])}
+        return {"stage": torch.tensor([stage_index(lab) for lab in labels], dtype=torch.long)}
     if task == "survival":
         return {"time": torch.tensor([float(lab.get("survival_months") or 0.0) for lab in labels]),
                 "event": torch.tensor([float(bool(lab.get("survival_event"))) for lab in labels])}

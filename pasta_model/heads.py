@@ -6,7 +6,7 @@ gradients for them (ModuleValidator.validate(...) == []).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -51,7 +51,12 @@ def hd95(pred, target, spacing: Sequence[float] | float | None = None) -> float:
     p, t = _as_mask(pred), _as_mask(target)
     if p.sum() == 0 or t.sum() == 0:
         return float("nan")
-    sp = None if spacing is None else ([float(spacing)] * (p.ndim - 2) if np.isscalar(spacing) else [float(s) for s in spacing])
+    if spacing is None:
+        sp = None
+    elif np.isscalar(spacing):
+        sp = [float(spacing)] * (p.ndim - 2)
+    else:
+        sp = [float(s) for s in spacing]
     return float(compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=sp).item())
 
 

@@ -7,8 +7,8 @@ does, so "the heads" is a clean, allow-listable subset of the state dict.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -87,11 +87,11 @@ class PretrainConfig:
                              f"({self.max_minutes}), which includes it")
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "PretrainConfig":
+    def from_dict(cls, raw: dict) -> PretrainConfig:
         return cls(**typed_fields(cls, raw, "pretrain config"))
 
     @classmethod
-    def from_yaml(cls, path: Path, **overrides) -> "PretrainConfig":
+    def from_yaml(cls, path: Path, **overrides) -> PretrainConfig:
         import yaml
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         raw = raw.get("pretrain", raw)
@@ -217,15 +217,15 @@ def zip_longest_cycle(loaders):
         for b in loaders[0]:
             yield [b]
         return
-    n = max(len(l) for l in loaders)
-    iters = [iter(l) for l in loaders]
+    n = max(len(loader) for loader in loaders)
+    iters = [iter(loader) for loader in loaders]
     for _ in range(n):
         step = []
-        for k, l in enumerate(loaders):
+        for k, loader in enumerate(loaders):
             try:
                 step.append(next(iters[k]))
             except StopIteration:
-                iters[k] = iter(l)
+                iters[k] = iter(loader)
                 step.append(next(iters[k]))
         yield step
 
@@ -260,6 +260,7 @@ def segmentation_stage(cfg: PretrainConfig, model: PastaNet, records, train_ids,
 def pretrain(config: PretrainConfig) -> Path:
     """Train backbone + all heads; returns the path of the last checkpoint."""
     from synth.dataset import read_dataset
+
     from .evaluate import crop_metrics
 
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -321,7 +322,7 @@ def pretrain(config: PretrainConfig) -> Path:
     budget = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     cpu_budget = None if cfg.max_cpu_minutes is None else cfg.max_cpu_minutes * 60.0
     step_cpu, val_cpu = None, 0.0
-    steps_per_epoch = max(len(l) for l in make_loaders(train_ds, cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = max(len(loader) for loader in make_loaders(train_ds, cfg.batch_size, cfg.seed, 0))
     total_steps = max(1, steps_per_epoch * (cfg.epochs - start_epoch + 1))
     step_time, val_time, global_step, stop = None, 0.0, 0, False
     last_path = last
@@ -390,7 +391,8 @@ def pretrain(config: PretrainConfig) -> Path:
         save_checkpoint(last, model, extra=extra)
         _save_state(state_path, {"epoch": epoch, "optimizer": optimizer.state_dict(),
                                  "elapsed": elapsed_before + time.monotonic() - t0})
-        log.info("epoch %d: %s", epoch, {k: row[k] for k in row if k.startswith(("train_loss", "val_dice", "val_loss"))})
+        headline = {k: row[k] for k in row if k.startswith(("train_loss", "val_dice", "val_loss"))}
+        log.info("epoch %d: %s", epoch, headline)
         last_path = last
         if stop:
             log.info("time budget (%s wall min, %s CPU min) reached after epoch %d",

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from enum import IntEnum
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .heads import TASKS
+from .heads import TASKS  # the tasks a round may name: client and server import them from here
 from .network import HEADS_PREFIX, head_keys
 
 # Reply metric names (MetricRecord keys).
@@ -28,6 +29,14 @@ NOISE_MULTIPLIER = "noise-multiplier"
 STEPS = "steps"
 SAMPLE_RATE = "sample-rate"
 REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, STEPS, SAMPLE_RATE)
+
+# Every reply carries this ConfigRecord: {"name": <the site's own name, from its YAML>}.
+SITE_RECORD = "site"
+# Query messages (the backbone, before a site's first round): config "action" is one of these.
+ACTION_HAS_BACKBONE = "has-backbone"
+ACTION_INSTALL_BACKBONE = "install-backbone"
+QUERY_ACTIONS = (ACTION_HAS_BACKBONE, ACTION_INSTALL_BACKBONE)
+HAS_BACKBONE = "has-backbone"       # the MetricRecord key of the answer (1 or 0)
 
 HEAD_DTYPE = np.dtype(np.float32)   # every head weight on the wire, both ways
 MAX_HEAD_WEIGHT = 1.0e4             # |w| above this is no trained head: refused before any training
@@ -102,7 +111,7 @@ class RoundConfig:
         _validate(self)
 
     @classmethod
-    def from_config_record(cls, record: Mapping[str, Any]) -> "RoundConfig":
+    def from_config_record(cls, record: Mapping[str, Any]) -> RoundConfig:
         """Parse a (kebab-case) ConfigRecord or plain dict; any problem -> ProtocolError."""
         by_wire = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(str(k) for k in record if k not in by_wire)

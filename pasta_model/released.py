@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .heads import TASKS
 from .network import PastaNet, build_model
-from .presets import Preset, get_preset, load_presets, PRESETS_FILE
+from .presets import PRESETS_FILE, Preset, get_preset, load_presets
 
 log = logging.getLogger(__name__)
 

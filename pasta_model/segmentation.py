@@ -18,8 +18,15 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.transforms import (Compose, DivisiblePadd, EnsureTyped, Lambdad, RandCropByPosNegLabeld,
-                              ScaleIntensityRanged, Spacingd)
+from monai.transforms import (
+    Compose,
+    DivisiblePadd,
+    EnsureTyped,
+    Lambdad,
+    RandCropByPosNegLabeld,
+    ScaleIntensityRanged,
+    Spacingd,
+)
 from torch import Tensor, nn
 
 from synth.conspicuity import measure
@@ -54,7 +61,7 @@ class SegmentationRecipe:
     crops_per_volume: int = 4
 
     @classmethod
-    def named(cls, name: str, preset: Preset) -> "SegmentationRecipe":
+    def named(cls, name: str, preset: Preset) -> SegmentationRecipe:
         if name == "monai":
             return cls("monai", preset, "window", "label3")
         if name == "pasta":

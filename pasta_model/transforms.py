@@ -121,47 +121,6 @@ def largest_component_center(mask) -> list[int] | None:
     return mask_center(m)
 
 
-class CenteredCropd(MapTransform):
-    """Crop all `keys` to `size` around a centre read from `center_key` (a voxel index).
-
-    The image pads with air after the HU map (0), masks with background (0).
-    """
-
-    def __init__(self, keys: KeysCollection, center_key: str, size: int, value: float = AIR_VALUE,
-                 allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.center_key, self.size, self.value = center_key, size, value
-
-    def __call__(self, data):
-        d = dict(data)
-        center = d[self.center_key]
-        for key in self.key_iterator(d):
-            d[key] = centred_crop(d[key], center, self.size, self.value)
-        return d
-
-
-class LesionCenterd(MapTransform):
-    """Write the centre of the lesion (label == 2) of `label_key` into `out_key`.
-
-    Falls back to the host organ (label == 1), then to the volume centre, so a case
-    without a visible lesion still yields a crop (logged, not fatal).
-    """
-
-    def __init__(self, label_key: str = "label", out_key: str = "lesion_center"):
-        super().__init__([label_key])
-        self.label_key, self.out_key = label_key, out_key
-
-    def __call__(self, data):
-        d = dict(data)
-        lab = d[self.label_key][0]
-        center = largest_component_center(lab == LESION_LABEL) or mask_center(lab == ORGAN_LABEL)
-        if center is None:
-            log.warning("no lesion or organ in %s; cropping the volume centre", d.get("case_id", "case"))
-            center = [s // 2 for s in lab.shape]
-        d[self.out_key] = center
-        return d
-
-
 def negative_centers(label: np.ndarray, size: int, n: int, rng: np.random.Generator,
                      tries: int = 200) -> list[list[int]]:
     """Up to `n` centres whose `size`^3 box holds no lesion voxel: host organ first, then body.

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -65,7 +65,7 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 def _global_evaluator(settings: RunSettings, model) -> GlobalEvaluator | None:
     if not settings.eval_data:
         return None
-    from server.evaluation import build_global_evaluator   # heavy imports only when used
+    from server.evaluation import build_global_evaluator  # heavy imports only when used
     return build_global_evaluator(settings, model)
 
 

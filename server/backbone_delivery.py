@@ -13,12 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from pasta_model.network import PastaNet, backbone_keys
+from pasta_model.protocol import ACTION_HAS_BACKBONE, ACTION_INSTALL_BACKBONE, HAS_BACKBONE
+from server.replies import error_reason, exchange_by_node
 
 log = logging.getLogger(__name__)
-
-ACTION_HAS = "has-backbone"
-ACTION_INSTALL = "install-backbone"
-
 
 def _query(node: int, config: dict, arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict({"config": ConfigRecord(config)})
@@ -33,18 +31,20 @@ def ensure_backbone(grid: Grid, nodes: list[int], model: PastaNet, sha256: str, 
     if not nodes:
         return {}
     base = {"backbone-sha256": sha256, "preset": model.preset.name}
-    replies = list(grid.send_and_receive([_query(n, {"action": ACTION_HAS, **base}) for n in nodes], timeout=timeout))
+    replies = exchange_by_node(grid, [_query(n, {"action": ACTION_HAS_BACKBONE, **base}) for n in nodes], timeout)
     problems: dict[int, str] = {n: "no reply to the backbone query" for n in nodes}
     need: list[int] = []
-    for msg in replies:
-        node = msg.metadata.src_node_id
+    for node, msg in replies:
         if on_reply is not None:
             on_reply(msg)          # learn the site's name from its first reply
         if msg.has_error():
-            problems[node] = msg.error.reason
+            problems[node] = error_reason(msg)
             continue
-        has = int(next(iter(msg.content.metric_records.values())).get("has-backbone", 0))
-        if has:
+        flag = next(iter(msg.content.metric_records.values())).get(HAS_BACKBONE, 0)
+        if not isinstance(flag, (int, float)):
+            problems[node] = f"malformed backbone query reply: {HAS_BACKBONE} is {flag!r}"
+            continue
+        if int(flag):
             problems.pop(node, None)
         else:
             need.append(node)
@@ -52,12 +52,11 @@ def ensure_backbone(grid: Grid, nodes: list[int], model: PastaNet, sha256: str, 
         state = model.state_dict()
         arrays = ArrayRecord(torch_state_dict={k: state[k] for k in backbone_keys(state)})
         log.info("sending the backbone (%.1f MB) to %d site(s)", arrays.count_bytes() / 1e6, len(need))
-        replies = list(grid.send_and_receive(
-            [_query(n, {"action": ACTION_INSTALL, **base}, arrays) for n in need], timeout=timeout))
-        for msg in replies:
-            node = msg.metadata.src_node_id
+        replies = exchange_by_node(
+            grid, [_query(n, {"action": ACTION_INSTALL_BACKBONE, **base}, arrays) for n in need], timeout)
+        for node, msg in replies:
             if msg.has_error():
-                problems[node] = msg.error.reason
+                problems[node] = error_reason(msg)
             else:
                 problems.pop(node, None)
     elif need:

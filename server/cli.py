@@ -10,11 +10,11 @@ from pathlib import Path
 from .certs import (
     ProvisioningError,
     add_hospital,
+    app_signing,
     init_consortium,
     make_handout,
     renew_server_cert,
 )
-from .certs import app_signing
 from .certs.app_publish import publish_release
 from .certs.provision import (
     DEFAULT_CA_DAYS,
@@ -142,7 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- pasta-fed app
 
-def _app_fail(err: Exception) -> int:
+def _app_fail(err: Exception | str) -> int:
     print(f"pasta-fed app: error: {err}", file=sys.stderr)
     return 1
 

@@ -13,10 +13,16 @@ import torch
 from flwr.app import ArrayRecord
 from monai.transforms import EnsureChannelFirst, LoadImage
 
-from pasta_model.finetune import encode_region, encode_targets, evaluate_head, labels_from_report, \
-    preprocess_region, usable_for
+from pasta_model.finetune import (
+    encode_region,
+    encode_targets,
+    evaluate_head,
+    preprocess_region,
+    usable_for,
+)
 from pasta_model.network import PastaNet
 from pasta_model.protocol import arrays_to_heads
+from pasta_model.targets import labels_from_report
 from server.settings import RunSettings
 from synth.dataset import read_dataset
 
@@ -26,7 +32,9 @@ log = logging.getLogger(__name__)
 def synthetic_features(model: PastaNet, data_dir: Path, task: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     load = LoadImage(image_only=True)
     channel = EnsureChannelFirst()
-    inputs, labels, masks = [], [], []
+    inputs: list[torch.Tensor] = []
+    labels: list[dict] = []
+    masks: list[torch.Tensor] = []
     for rec in read_dataset(Path(data_dir)):
         lab = labels_from_report(rec.report())
         if not usable_for(task, lab, has_mask=True):
@@ -39,9 +47,14 @@ def synthetic_features(model: PastaNet, data_dir: Path, task: str) -> tuple[torc
         else:
             crop, mcrop = preprocess_region(model.preset, image, lesion)
         pooled, decoder = encode_region(model, crop, decode=task == "segment")
-        inputs.append(decoder.float() if task == "segment" else pooled)
+        if task == "segment":
+            if decoder is None or mcrop is None:
+                raise RuntimeError(f"{rec.img}: no decoder features or lesion crop for the segment task")
+            inputs.append(decoder.float())
+            masks.append(mcrop)
+        else:
+            inputs.append(pooled)
         labels.append(lab)
-        masks.append(mcrop)
     if not inputs:
         raise ValueError(f"{data_dir}: no synthetic case usable for task {task!r}")
     return torch.stack(inputs), encode_targets(task, labels, masks if task == "segment" else None)

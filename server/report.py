@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from server.run_state import RunDirectory
 from synth.atomic import atomic_path, write_atomic
@@ -68,8 +67,10 @@ def write_report(run: RunDirectory, title: str = "Federated run") -> Path:
     lines = [f"# {title}", "", f"Run directory: `{run.root}`; {len(records)} complete round(s).", ""]
     shown: list[tuple[str, str]] = []
     for key in _metric_keys(records):
-        series = _series(records, lambda r: {"coordinator validation": r.get("global", {}).get(key)})
-        per_site = _series(records, lambda r: {s: e.get("evaluate", {}).get(key) for s, e in r.get("sites", {}).items()})
+        # _series calls the getter before the next iteration; key is bound so the linter and the reader agree
+        series = _series(records, lambda r, key=key: {"coordinator validation": r.get("global", {}).get(key)})
+        per_site = _series(records, lambda r, key=key: {s: e.get("evaluate", {}).get(key)
+                                                        for s, e in r.get("sites", {}).items()})
         series.update({f"site {s}": v for s, v in per_site.items()})
         name = f"metric-{key}.png"
         if _save_plot(plots / name, f"{key} per round", key, series):
@@ -85,7 +86,8 @@ def write_report(run: RunDirectory, title: str = "Federated run") -> Path:
 
     if records:
         last = records[-1]
-        lines += ["## Final figures", "", f"After round {last['round']}:", "", "| site | metric | value |", "|---|---|---|"]
+        lines += ["## Final figures", "", f"After round {last['round']}:", "",
+                  "| site | metric | value |", "|---|---|---|"]
         for key, value in sorted(last.get("global", {}).items()):
             lines.append(f"| coordinator validation set | {key} | {value:.4f} |")
         for site, entry in sorted(last.get("sites", {}).items()):

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, NotRequired, TypedDict
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from pasta_model.protocol import EPSILON, NOISE_MULTIPLIER
+from pasta_model.protocol import EPSILON, NOISE_MULTIPLIER, SITE_RECORD
+from server.replies import error_reason, exchange_by_node
 
 log = logging.getLogger(__name__)
 
-SITE_RECORD = "site"        # ConfigRecord in every reply: {"name": <site>}
 # A site whose budget is (nearly) spent still replies: it plans the noise that fits what
 # is left, so its update is noise (sigma 40 was seen) and the run looks successful. From
 # this noise multiplier on, the coordinator is told. DP-SGD that learns uses ~0.5-3.
@@ -30,6 +31,13 @@ NOISE_DOMINATED_SIGMA = 10.0
 
 class RoundFailed(RuntimeError):
     """Fewer sites than the minimum replied, after all retries."""
+
+
+class SiteFailure(TypedDict):
+    """One entry of a round record's "failed" / "evaluate_failed" lists."""
+    site: str
+    reason: str
+    attempt: NotRequired[int]     # train failures only: which try of the round
 
 
 @dataclass
@@ -53,27 +61,23 @@ class SiteBook:
         return self.names.get(node, f"node-{node}")
 
 
-def _metrics(msg: Message) -> dict[str, float]:
+def _metrics(msg: Message) -> dict[str, MetricRecordValues]:
     recs = msg.content.metric_records
     return {k: v for rec in recs.values() for k, v in rec.items()} if recs else {}
 
 
 def _exchange(grid: Grid, messages: list[Message], timeout: float, book: SiteBook, what: str
-              ) -> tuple[list[Message], list[dict[str, str]]]:
+              ) -> tuple[list[Message], list[SiteFailure]]:
     sent = {m.metadata.dst_node_id for m in messages}
-    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    # Flower sets message ids when it pushes; an error the SuperLink writes itself (e.g. "node
-    # unavailable") comes from the SuperLink, so the site is the one the original message went to
-    dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    ok, failed = [], []
+    ok: list[Message] = []
+    failed: list[SiteFailure] = []
     replied = set()
-    for msg in replies:
-        node = dst_by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    for node, msg in exchange_by_node(grid, messages, timeout):
         replied.add(node)
         if msg.has_error():
-            site = book.name(node)
-            failed.append({"site": site, "reason": msg.error.reason})
-            log.warning("%s: site %s failed: %s", what, site, msg.error.reason)
+            site, reason = book.name(node), error_reason(msg)
+            failed.append({"site": site, "reason": reason})
+            log.warning("%s: site %s failed: %s", what, site, reason)
         else:
             book.learn(msg)
             ok.append(msg)
@@ -109,14 +113,15 @@ def run_round(
     evaluator: Callable[[int, ArrayRecord], dict[str, float] | None] | None = None,
 ) -> RoundOutcome:
     t0 = time.monotonic()
-    failures: list[dict[str, str]] = []
+    failures: list[SiteFailure] = []
     for attempt in range(1, retries + 2):
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         ok, failed = _exchange(grid, msgs, timeout, book, f"round {rnd} train")
-        failures += [{**f, "attempt": attempt} for f in failed]
+        failures += [{"site": f["site"], "reason": f["reason"], "attempt": attempt} for f in failed]
         ok, inconsistent = _consistent(ok)
         for m in inconsistent:
-            failures.append({"site": book.name(m.metadata.src_node_id), "reason": "reply metrics inconsistent", "attempt": attempt})
+            failures.append({"site": book.name(m.metadata.src_node_id), "reason": "reply metrics inconsistent",
+                             "attempt": attempt})
         if len(ok) >= min_sites:
             break
         log.warning("round %d attempt %d: %d site(s) replied, minimum is %d%s", rnd, attempt, len(ok), min_sites,

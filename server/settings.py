@@ -7,14 +7,14 @@ round 7.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from pasta_model.protocol import MAX_PROXIMAL_MU
+from pasta_model.protocol import MAX_PROXIMAL_MU, TASKS
 from synth.typed_config import typed_fields
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
-TASKS = ("segment", "detect", "report", "stage", "survival")
 
 
 class SettingsError(ValueError):
@@ -46,7 +46,7 @@ class RunSettings:
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_run_config(cls, config: Mapping[str, Any]) -> "RunSettings":
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
         values = typed_fields(cls, config, "run config", SettingsError, key_of=lambda n: n.replace("_", "-"),
                               exclude=("extra",))
         settings = cls(**values)

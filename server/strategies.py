@@ -1,13 +1,24 @@
 """Flower's own strategies, chosen by name; only their construction lives here."""
 from __future__ import annotations
 
+from typing import TypedDict
+
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from server.settings import RunSettings
 
 
+class _CommonArgs(TypedDict):
+    """The keyword arguments every FedAvg-derived strategy takes (typed so mypy checks each)."""
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+
+
 def build_strategy(settings: RunSettings, num_sites_hint: int | None = None) -> Strategy:
-    common = dict(
+    common = _CommonArgs(
         fraction_train=settings.fraction_sites,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_sites,

@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from pasta_model.protocol import TASKS
 from simulation.config import DEFAULT_CONFIG, SimulationConfig, SimulationConfigError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hospitals", type=int)
     p.add_argument("--rounds", type=int)
     p.add_argument("--preset")
-    p.add_argument("--task", choices=["segment", "detect", "report", "stage", "survival"])
+    p.add_argument("--task", choices=TASKS)
     p.add_argument("--epsilon", type=float, help="each site's privacy budget")
     p.add_argument("--seed", type=int)
     p.add_argument("--pretrained", help="a pasta-fed checkpoint, 'shipped' (the default: the model shipped with "

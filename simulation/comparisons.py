@@ -92,6 +92,10 @@ def run_comparisons(cfg: SimulationConfig, sites: list[SiteFiles], pretrained: P
     if "local" in cfg.comparisons:
         table["local alone (DP)"] = {}
         for i, s in enumerate(sets):
+            if len(s.train) == 0:   # e.g. a hospital without lesion masks, for segment: n/a, not a crash
+                log.warning("%s has no training cases for task %s: 'local alone' is n/a there", s.name, task)
+                table["local alone (DP)"][s.name] = float("nan")
+                continue
             head = _train(cfg, task, base_head, s.train, dp=True, seed=cfg.seed + 100 + i)
             table["local alone (DP)"][s.name] = _score(task, head, [s])[s.name]
     pooled = _concat([s.train for s in sets])

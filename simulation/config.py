@@ -63,11 +63,11 @@ class SimulationConfig:
                 raise SimulationConfigError(f"simulation config: {key} {why}, got {getattr(self, key)!r}")
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any], source: str = "config") -> "SimulationConfig":
+    def from_mapping(cls, raw: dict[str, Any], source: str = "config") -> SimulationConfig:
         return cls(**typed_fields(cls, raw, source, SimulationConfigError))
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: Any) -> "SimulationConfig":
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> SimulationConfig:
         path = Path(path) if path else DEFAULT_CONFIG
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -13,18 +13,18 @@ import csv
 import io
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import yaml
 
+from pasta_model.targets import labels_from_report
 from synth.atomic import atomic_path, write_atomic
 from synth.dataset import generate_dataset, read_dataset
 from synth.scanner import ScannerProfile
 from synth.vocabulary import ATTRIBUTES, LESION_TYPE_NAMES, PHASES
-from pasta_model.finetune import labels_from_report
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
                      seed=cfg.seed + 31337)
     timings["generating hospital data"] = time.monotonic() - t0
 
-    from simulation.federation import run_federated   # Flower/Ray imports only when needed
+    from simulation.federation import run_federated  # Flower/Ray imports only when needed
     settings = RunSettings(
         num_server_rounds=cfg.rounds, task=cfg.task, local_epochs=cfg.local_epochs,
         learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, strategy=cfg.strategy,

@@ -14,8 +14,8 @@ import re
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 try:
     import fcntl
@@ -24,12 +24,26 @@ except ImportError:  # pragma: no cover - non-POSIX
 
 log = logging.getLogger(__name__)
 
-_UMASK = os.umask(0o022)   # read once at import (os.umask is the only portable way), then restored
-os.umask(_UMASK)
-DEFAULT_MODE = 0o666 & ~_UMASK   # what open() would have given the file
 PRIVATE_MODE = 0o600
 STALE_AFTER_S = 60.0        # a temp file untouched this long, and unlocked, has no writer left
 _RANDOM_PART = re.compile(r"[a-z0-9_]{8}")   # what tempfile.mkstemp puts between prefix and suffix
+
+
+def default_mode() -> int:
+    """The mode open() gives a new file now: 0666 less the process umask.
+
+    Read from /proc (Linux) so the process umask is never changed, not even for an
+    instant another thread could create a file in; elsewhere, os.umask set and restored.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -71,7 +85,7 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
             yield Path(tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-            os.chmod(tmp, DEFAULT_MODE if mode is None else mode)
+            os.chmod(tmp, default_mode() if mode is None else mode)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from synth.lesions import SOFT_TISSUE_HU   # a hollow organ's gas lumen and bone stay out of ring and noise
+from synth.lesions import SOFT_TISSUE_HU  # a hollow organ's gas lumen and bone stay out of ring and noise
 
 RING_VOXELS = 2
 BANDS = ((0.0, 0.3, "invisible (<0.3)"), (0.3, 2.0, "faint (0.3-2)"), (2.0, np.inf, "visible (>=2)"))

@@ -101,7 +101,8 @@ def insert_into_ct(ct: str, organs: str, out: str, n: int | None = None, types: 
         raise SynthInputError(
             f"--organs {organs}: geometry does not match --ct {ct} "
             f"(shape {tuple(m_img.shape)} vs {tuple(ct_img.shape)}, "
-            f"spacing {tuple(np.round(m_img.header.get_zooms()[:3], 3))} vs {tuple(np.round(ct_img.header.get_zooms()[:3], 3))})"
+            f"spacing {tuple(np.round(m_img.header.get_zooms()[:3], 3))} "
+            f"vs {tuple(np.round(ct_img.header.get_zooms()[:3], 3))})"
         )
     names = load_label_map(label_map)
     ro = Reoriented(ct_img.shape, ct_img.affine)
@@ -120,8 +121,8 @@ def insert_into_ct(ct: str, organs: str, out: str, n: int | None = None, types: 
             if not groups.get(organ):
                 wanted = host_groups(names).get(organ) or ()
                 raise SynthInputError(
-                    f"--organs {organs}: no voxels labelled {organ} (label values {list(wanted) or 'none in the label map'}), "
-                    f"needed for {t}"
+                    f"--organs {organs}: no voxels labelled {organ} "
+                    f"(label values {list(wanted) or 'none in the label map'}), needed for {t}"
                 )
     else:
         types = tuple(t for t in LESION_TYPE_NAMES if groups.get(LESION_TYPE_BY_NAME[t].organ))

@@ -18,7 +18,8 @@ from synth.scanner import ScannerProfile, apply_scanner, sample_scanner
 from synth.totalseg import TOTALSEG_HOSTS, TOTALSEG_V2
 from synth.vocabulary import LESION_TYPE_BY_NAME, LESION_TYPE_NAMES, PHASES
 
-GENERATOR_VERSION = "pasta-fed-synth/3"  # 3: grounded lesion contrast per phase; 2: large invading lesions no longer clipped
+# 3: grounded lesion contrast per phase; 2: large invading lesions no longer clipped
+GENERATOR_VERSION = "pasta-fed-synth/3"
 FOV_MM = 320.0  # default field of view: the spacing is FOV_MM / size unless given
 
 

@@ -6,8 +6,8 @@ z (superior +). The NIfTI affine maps to RAS world coordinates, as NIfTI expects
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -34,11 +34,8 @@ class Grid:
     def to_mm(self, ijk) -> np.ndarray:
         return np.asarray(self.origin) + np.asarray(self.spacing) * np.asarray(ijk, dtype=float)
 
-    def to_index(self, xyz) -> np.ndarray:
-        return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) / np.asarray(self.spacing)
-
     @staticmethod
-    def from_affine(shape, affine) -> "Grid":
+    def from_affine(shape, affine) -> Grid:
         """For an array already in LPS voxel order (see `synth.ctio.to_lps`)."""
         spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
         ras0 = affine[:3, 3]

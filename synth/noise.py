@@ -7,7 +7,7 @@ only on the generator it is given, whatever the process that makes it.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy import fft as sp_fft
@@ -18,7 +18,7 @@ TILES_PER_SCALE = 3
 SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tile(scale: float, k: int) -> np.ndarray:
     rng = np.random.default_rng([20250211, int(scale * 10), k])
     white = rng.standard_normal((TILE,) * 3, dtype=np.float32)
@@ -71,7 +71,7 @@ WHITE_TILE = 128
 WHITE_TILES = 3
 
 
-@lru_cache(maxsize=None)
+@cache
 def _white(k: int) -> np.ndarray:
     return np.random.default_rng([20250212, k]).standard_normal((WHITE_TILE,) * 3, dtype=np.float32)
 

@@ -424,8 +424,9 @@ def rasterize(an: Anatomy, grid: Grid, rng: np.random.Generator) -> tuple[np.nda
         cv.paint(bl.sl, m & (bl.rho <= 1.0 - wall_b / rmin), TS["urinary_bladder"], T["urine"])
 
     # ---- muscles: psoas, paraspinal, gluteal ----------------------------------------
-    for s, lab_ps, lab_au, lab_gl in ((1, TS["iliopsoas_left"], TS["autochthon_left"], TS["gluteus_maximus_left"]),
-                                       (-1, TS["iliopsoas_right"], TS["autochthon_right"], TS["gluteus_maximus_right"])):
+    for s, lab_ps, lab_au, lab_gl in (
+            (1, TS["iliopsoas_left"], TS["autochthon_left"], TS["gluteus_maximus_left"]),
+            (-1, TS["iliopsoas_right"], TS["autochthon_right"], TS["gluteus_maximus_right"])):
         pso = loft(grid, 2, -250 * sz, 0.0, lambda t, s=s: s * lerp(62, 30, t) * sw,
                    lambda t: lerp(10, 42, t**0.7), lambda t: lerp(22, 8, t) * cap(t, 0, 0.15),
                    lambda t: lerp(20, 9, t) * cap(t, 0, 0.15))
@@ -464,12 +465,13 @@ def _bones(an: Anatomy, grid: Grid, cv: _Canvas, d_in: np.ndarray, sp: float) ->
         disc = 5.0 * sz
         zc = 0.5 * (z0 + z1)
         yc = float(an.y_spine(zc))
-        body = loft(grid, 2, z0 + disc / 2, z1 - disc / 2, lambda t: 0 * t, lambda t: yc + 0 * t,
-                    lambda t: rx + 0 * t, lambda t: ry + 0 * t)
+        # loft evaluates its profiles before returning; yc, rx, ry are bound like s above
+        body = loft(grid, 2, z0 + disc / 2, z1 - disc / 2, lambda t: 0 * t, lambda t, yc=yc: yc + 0 * t,
+                    lambda t, rx=rx: rx + 0 * t, lambda t, ry=ry: ry + 0 * t)
         if body is not None:
             solid(body, label, ry)
-        dsk = loft(grid, 2, z0 - disc / 2, z0 + disc / 2, lambda t: 0 * t, lambda t: yc + 0 * t,
-                   lambda t: rx + 0 * t, lambda t: ry + 0 * t)
+        dsk = loft(grid, 2, z0 - disc / 2, z0 + disc / 2, lambda t: 0 * t, lambda t, yc=yc: yc + 0 * t,
+                   lambda t, rx=rx: rx + 0 * t, lambda t, ry=ry: ry + 0 * t)
         if dsk is not None:
             cv.paint(dsk.sl, dsk.rho <= 1.0, 0, T["disc"])
         yk = yc + ry + 9.0

@@ -10,7 +10,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from synth.dataset import case_dir, check_run_settings, is_complete, manifest_row, remove_partials, write_case, write_manifest
+from synth.dataset import (
+    case_dir,
+    check_run_settings,
+    is_complete,
+    manifest_row,
+    remove_partials,
+    write_case,
+    write_manifest,
+)
 from synth.errors import SynthInputError
 from synth.generate import GENERATOR_VERSION, GenConfig, generate_case
 from synth.noise import warm_up
@@ -70,7 +78,7 @@ def make_config(*, seed: int = 0, size=128, spacing: float | None = None, types=
     weights = None
     if isinstance(types, Mapping):
         weights = tuple((str(t), float(w)) for t, w in types.items())
-        for t, w in weights:
+        for t, _ in weights:
             if t not in LESION_TYPE_NAMES:
                 raise SynthInputError(f"types: unknown lesion type '{t}'")
         if not any(w > 0 for _, w in weights):
@@ -109,7 +117,8 @@ def generate_dataset(out: str | Path, n: int, cfg: GenConfig | None = None, *, w
     for i in range(n):
         d = case_dir(out, cfg.lesion_type(i), f"{i:06d}")
         if is_complete(d):
-            rows[i] = manifest_row(json.loads((d / "type.json").read_text(encoding="utf-8")), d.relative_to(out).as_posix())
+            meta = json.loads((d / "type.json").read_text(encoding="utf-8"))
+            rows[i] = manifest_row(meta, d.relative_to(out).as_posix())
         else:
             todo.append(i)
     bar = tqdm(total=n, initial=n - len(todo), desc="synth", unit="case", disable=not progress,

@@ -57,7 +57,3 @@ def texture_lut() -> np.ndarray:
     lut = np.zeros(256, np.float32)
     lut[: len(_TABLE)] = _TABLE[:, 3]
     return lut
-
-
-def tissue_hu(name: str, phase: str) -> float:
-    return float(_TISSUES[name][PHASES.index(phase)])

@@ -12,8 +12,6 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from synth.vocabulary import LESION_TYPE_NAMES
-
 
 def write_hospital(root: Path, site: str, n_cases: int, seed: int, *, epsilon: float = 50.0,
                    backbone: Path | None = None, size: int = 40) -> Path:
@@ -35,7 +33,8 @@ def write_hospital(root: Path, site: str, n_cases: int, seed: int, *, epsilon: f
         nib.save(nib.Nifti1Image(img.astype(np.int16), affine), str(data / "images" / f"{case}.nii.gz"))
         nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), str(data / "masks" / f"{case}.nii.gz"))
         rows.append({"case_id": case, "patient_id": f"{site}-p{i:03d}", "tumor_present": 1, "organ": "liver",
-                     "t_stage": ("T2" if r > 4.5 else "T1") if hyper else "", "survival_months": round(float(rng.uniform(3, 60)), 1),
+                     "t_stage": ("T2" if r > 4.5 else "T1") if hyper else "",
+                     "survival_months": round(float(rng.uniform(3, 60)), 1),
                      "survival_event": int(rng.integers(2)), "shape": "round_like",
                      "density": "hyperdense" if hyper else "hypodense", "heterogeneity": "homogeneous",
                      "surface": "well_defined", "invasion": "no",
@@ -52,12 +51,12 @@ def write_hospital(root: Path, site: str, n_cases: int, seed: int, *, epsilon: f
         cfg["backbone"] = str(backbone)
     path = root / site / "hospital.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert LESION_TYPE_NAMES  # the vocabulary the labels above come from
     return path
 
 
 def write_pretrained(path: Path, seed: int = 0) -> Path:
     import torch
+
     from pasta_model.checkpoint import save_checkpoint
     from pasta_model.network import build_model
     torch.manual_seed(seed)

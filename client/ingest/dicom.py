@@ -2,9 +2,9 @@
 
 pydicom reads headers only (parsing stops at the pixel data element, whose declared
 length is checked against the file size), so scanning a large archive is cheap and
-truncated files are caught before any pixel is decoded; pixels are decoded by GDCM through SimpleITK, which handles the compressed
-transfer syntaxes (JPEG lossless, JPEG 2000, RLE) and applies each slice's rescale
-slope and intercept.
+truncated files are caught before any pixel is decoded; pixels are decoded by GDCM
+through SimpleITK, which handles the compressed transfer syntaxes (JPEG lossless,
+JPEG 2000, RLE) and applies each slice's rescale slope and intercept.
 """
 from __future__ import annotations
 

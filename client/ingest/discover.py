@@ -91,7 +91,7 @@ def scan_site(config) -> SiteScan:
             scan.labels, scan.label_errors = table.labels, table.errors
         except IngestError as err:
             scan.label_errors.append(str(err))
-    series_to_case = {l.series_uid: l.case_id for l in scan.labels.values() if l.series_uid}
+    series_to_case = {label.series_uid: label.case_id for label in scan.labels.values() if label.series_uid}
     exclude = tuple(p.resolve() for p in (config.data.masks, config.state_dir) if p is not None)
 
     ct_slices: list[dicom.SliceHeader] = []

@@ -59,7 +59,7 @@ class LabelsTable:
 
     @property
     def series_to_case(self) -> dict[str, str]:
-        return {l.series_uid: l.case_id for l in self.labels.values() if l.series_uid}
+        return {label.series_uid: label.case_id for label in self.labels.values() if label.series_uid}
 
 
 class _BadCell(Exception):

@@ -90,5 +90,5 @@ def _fmt(values) -> str:
 
 
 def _short(err: Exception) -> str:
-    lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1][:200] if lines else type(err).__name__

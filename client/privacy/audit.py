@@ -15,14 +15,17 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from synth.atomic import append_durable
 
+fcntl: ModuleType | None
 try:
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX
@@ -88,7 +91,7 @@ class AuditRecord:
     @classmethod
     def describe(cls, *, run_id: str, round: int, message_type: str, arrays: Mapping[str, Any],
                  metrics: Mapping[str, Any] | None = None, status: str = "sent", reason: str | None = None,
-                 site: str | None = None) -> "AuditRecord":
+                 site: str | None = None) -> AuditRecord:
         keys = sorted(arrays)
         arrs = [_as_numpy(arrays[k]) for k in keys]
         metrics = dict(metrics or {})

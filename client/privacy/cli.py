@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def _format(summary: dict) -> str:
@@ -49,7 +49,7 @@ def run_ledger(args: argparse.Namespace) -> int:
         return 1
     summary = ledger.summary(config.privacy.delta, config.privacy.max_epsilon, site=config.site)
     if args.json:
-        summary["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        summary["time"] = datetime.now(UTC).isoformat(timespec="seconds")
         print(json.dumps(summary, indent=2))
     else:
         print(_format(summary))

@@ -17,8 +17,9 @@ import logging
 import secrets
 import time
 import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 from opacus import PrivacyEngine
@@ -79,8 +80,7 @@ def check_one_row_per_patient(patient_ids: Sequence | None, n_rows: int) -> None
     ids = list(patient_ids)
     if len(ids) != n_rows:
         raise ValueError(f"patient_ids has {len(ids)} entries for {n_rows} rows")
-    seen: set = set()
-    dups = sorted({str(p) for p in ids if p in seen or seen.add(p)})
+    dups = sorted({str(p) for p, rows in Counter(ids).items() if rows > 1})
     if dups:
         shown = ", ".join(dups[:5]) + (" ..." if len(dups) > 5 else "")
         raise ValueError(f"{len(dups)} patient(s) have several rows ({shown}); DP-SGD needs one row per "
@@ -91,7 +91,12 @@ def check_one_row_per_patient(patient_ids: Sequence | None, n_rows: int) -> None
 def first_row_per_patient(patient_ids: Sequence) -> list[int]:
     """Indices of the first row of each patient, in order."""
     seen: set = set()
-    return [i for i, p in enumerate(patient_ids) if not (p in seen or seen.add(p))]
+    first: list[int] = []
+    for i, p in enumerate(patient_ids):
+        if p not in seen:
+            seen.add(p)
+            first.append(i)
+    return first
 
 
 def _dataset(inputs: Tensor, targets: Targets) -> tuple[TensorDataset, tuple[str, ...] | None]:
@@ -184,58 +189,29 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
     dataset, keys = _dataset(inputs, targets)
     n = len(dataset)
     sched = poisson_schedule(n, batch_size)
-
     module = _prepared_head(head).to(dev)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     globals_ = _global_tensors(module, global_params, dev)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
-
-    # secure_mode (torchcsprng) is off; the generators are seeded from the OS CSPRNG per call
-    # (docs/privacy.md).
-    warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
-    # Heads on cached features: inputs never need gradients, which Opacus' hooks warn about.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    engine = PrivacyEngine(accountant=accountant.mechanism() if accountant is not None else mechanism)
-    if accountant is not None:
-        engine.accountant = accountant  # before make_private: the step hook binds to this object
-    steps_before = sum(s for _, _, s in engine.accountant.history)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        generator=torch.Generator().manual_seed(seed))
-    noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    gs_module, dp_optimizer, dp_loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=noise_gen,
-        grad_sample_mode=grad_sample_mode)
-    if abs(dp_optimizer.expected_batch_size - n * sched.sample_rate) > 1:
-        log.debug("expected batch %s vs planned %s", dp_optimizer.expected_batch_size, n * sched.sample_rate)
-
-    loss_sum, seen = 0.0, 0
-    t_loop = time.perf_counter()
-    try:
-        for _ in range(epochs):
-            with _physical_batches(dp_loader, max_physical_batch_size, dp_optimizer) as physical:
-                for batch in physical:
-                    x, y = _unpack(batch, keys, dev)
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    out = gs_module(x)
-                    if x.shape[0] == 0:  # empty Poisson batch: still a step (noise only), no loss to log
-                        loss = out.sum() * 0.0
-                    else:
-                        loss = loss_fn(out, y)
-                        loss_sum += float(loss.detach()) * x.shape[0]
-                        seen += x.shape[0]
-                    loss.backward()
-                    dp_optimizer.step()
-                    if prox_mu and globals_ is not None and not dp_optimizer._is_last_step_skipped:
-                        _proximal_step(params, globals_, lr, prox_mu)
-    finally:
-        gs_module._close()  # remove Opacus hooks and per-sample attributes from the head
-        for p in params:
-            for attr in ("summed_grad", "grad_sample"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-            p.grad = None  # the last noisy gradient is not part of the result
+    with _expected_opacus_warnings_silenced():
+        engine = PrivacyEngine(accountant=accountant.mechanism() if accountant is not None else mechanism)
+        if accountant is not None:
+            engine.accountant = accountant  # before make_private: the step hook binds to this object
+        steps_before = sum(s for _, _, s in engine.accountant.history)
+        gs_module, dp_optimizer, dp_loader = engine.make_private(
+            module=module, optimizer=torch.optim.SGD(params, lr=lr, momentum=momentum),
+            data_loader=DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                   generator=torch.Generator().manual_seed(seed)),
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+            noise_generator=torch.Generator(device=dev).manual_seed(seed + 1), grad_sample_mode=grad_sample_mode)
+        t_loop = time.perf_counter()
+        try:
+            proximal = (lambda: _proximal_step(params, globals_, lr, prox_mu)) if prox_mu and globals_ else None
+            loss_sum, seen = _dp_epochs(gs_module, dp_optimizer, dp_loader, loss_fn, keys, dev, epochs,
+                                        max_physical_batch_size, proximal)
+        finally:
+            gs_module.to_standard_module()  # removes Opacus' hooks from the head
+            _clear_per_sample_state(params)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     train_seconds = time.perf_counter() - t_loop
@@ -248,11 +224,57 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
                          train_seconds=train_seconds, head=module, accountant=acc)
 
 
+@contextlib.contextmanager
+def _expected_opacus_warnings_silenced():
+    """Silence, for this training only (not process-wide), two warnings that are expected here."""
+    with warnings.catch_warnings():
+        # secure_mode (torchcsprng) is off; the generators are seeded from the OS CSPRNG per
+        # call (docs/privacy.md)
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+        # heads on cached features: inputs never need gradients, which Opacus' hooks warn about
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+def _dp_epochs(gs_module, dp_optimizer, dp_loader, loss_fn: LossFn, keys, dev: torch.device, epochs: int,
+               max_physical_batch_size: int | None, proximal: Callable[[], None] | None) -> tuple[float, int]:
+    """The DP-SGD loop; returns (summed loss, samples seen). The proximal step follows each real
+    (not virtual) optimizer step: `pre_step` clips, noises and says whether this is one."""
+    loss_sum, seen = 0.0, 0
+    for _ in range(epochs):
+        with _physical_batches(dp_loader, max_physical_batch_size, dp_optimizer) as physical:
+            for batch in physical:
+                x, y = _unpack(batch, keys, dev)
+                dp_optimizer.zero_grad(set_to_none=True)
+                out = gs_module(x)
+                if x.shape[0] == 0:  # empty Poisson batch: still a step (noise only), no loss to log
+                    loss = out.sum() * 0.0
+                else:
+                    loss = loss_fn(out, y)
+                    loss_sum += float(loss.detach()) * x.shape[0]
+                    seen += x.shape[0]
+                loss.backward()
+                if dp_optimizer.pre_step():
+                    dp_optimizer.original_optimizer.step()
+                    if proximal is not None:
+                        proximal()
+    return loss_sum, seen
+
+
+def _clear_per_sample_state(params: Sequence[nn.Parameter]) -> None:
+    for p in params:
+        for attr in ("summed_grad", "grad_sample"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None  # the last noisy gradient is not part of the result
+
+
 def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: LossFn, *, epochs: int,
                      batch_size: int, lr: float, noise_multiplier: float = 0.0, max_grad_norm: float = 0.0,
-                     device: str | torch.device = "auto", seed: int | None = None, accountant: IAccountant | None = None,
-                     mechanism: str = "rdp", delta: float | None = None, patient_ids: Sequence | None = None,
-                     max_physical_batch_size: int | None = None, global_params=None, prox_mu: float = 0.0,
+                     device: str | torch.device = "auto", seed: int | None = None,
+                     accountant: IAccountant | None = None, mechanism: str = "rdp", delta: float | None = None,
+                     patient_ids: Sequence | None = None, max_physical_batch_size: int | None = None,
+                     global_params=None, prox_mu: float = 0.0,
                      momentum: float = 0.0, grad_sample_mode: str = "hooks") -> DPTrainResult:
     """The same loop without DP (shuffled fixed-size batches): the non-private baseline.
 

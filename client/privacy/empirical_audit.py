@@ -38,9 +38,10 @@ import math
 import secrets
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -70,6 +71,15 @@ LEAKS = "the implementation leaks more than it claims"
 
 class AuditError(RuntimeError):
     """The audit cannot run as asked (the message names the file or setting)."""
+
+
+class GuessTest(TypedDict):
+    """One (statistic, guess fraction) test of an audit and the bound it gave."""
+    statistic: str
+    guess_fraction: float
+    guesses: int
+    correct: int
+    epsilon_lower_bound: float
 
 
 # ----------------------------------------------------------------------------- the audit head
@@ -193,6 +203,8 @@ def canary_directions(task: str, head: nn.Module, inputs: torch.Tensor, targets:
     for i in range(inputs.shape[0]):
         trained.zero_grad(set_to_none=True)
         loss_fn(trained(inputs[i:i + 1]), {k: v[i:i + 1] for k, v in targets.items()}).backward()
+        if last.weight.grad is None or last.bias.grad is None:
+            raise AuditError(f"task {task!r}: the canary loss gives the head's output layer no gradient")
         g_w, g_b = last.weight.grad.detach().flatten(), last.bias.grad.detach()
         norm = math.sqrt(float(g_w.square().sum() + g_b.square().sum()))
         cols.append((g_w / max(norm, 1e-12)).double().numpy())
@@ -338,9 +350,9 @@ class AuditResult:
     statistic: str
     verdict: str
     seconds: float
-    tests: list[dict] = field(default_factory=list)
-    scores: np.ndarray = field(default=None, repr=False)
-    members: np.ndarray = field(default=None, repr=False)
+    tests: list[GuessTest] = field(default_factory=list)
+    scores: np.ndarray | None = field(default=None, repr=False)
+    members: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def leaks(self) -> bool:
@@ -372,8 +384,10 @@ def plot_scores(result: AuditResult, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    if result.scores is None or result.members is None:
+        raise AuditError(f"audit of site {result.site}: no canary scores to plot")
     s, m = result.scores, result.members.astype(bool)
-    bins = np.linspace(float(np.min(s)), float(np.max(s)) + 1e-9, 50)
+    bins = np.linspace(float(np.min(s)), float(np.max(s)) + 1e-9, 50).tolist()
     ax.hist(s[m], bins=bins, alpha=0.6, label=f"included ({int(m.sum())})")
     ax.hist(s[~m], bins=bins, alpha=0.6, label=f"left out ({int((~m).sum())})")
     ax.set_xlabel(f"canary score ({result.statistic})")
@@ -467,15 +481,18 @@ def run_audit(config: SiteConfig, *, task: str = "report", canaries: int = 1000,
     statistics = combined_updates(updates, sigmas)
     n_tests = len(statistics) * len(GUESS_FRACTIONS)
     level_confidence = 1.0 - (1.0 - confidence) / n_tests          # Bonferroni over every test tried
-    tests, best = [], None
+    tests: list[GuessTest] = []
+    best: tuple[GuessTest, np.ndarray] | None = None
     for name, update in statistics.items():
         scores = decode(design.directions, update)
         for fraction, r, v in guess_tests(scores, members):
             eps = epsilon_lower_bound(canaries, r, v, delta, level_confidence)
-            tests.append({"statistic": name, "guess_fraction": fraction, "guesses": r, "correct": v,
-                          "epsilon_lower_bound": eps})
+            tests.append(GuessTest(statistic=name, guess_fraction=fraction, guesses=r, correct=v,
+                                   epsilon_lower_bound=eps))
             if best is None or eps > best[0]["epsilon_lower_bound"]:
                 best = (tests[-1], scores)
+    if best is None:
+        raise AuditError(f"audit of site {config.site}: no release statistic to test")
     top, scores = best
     bound = top["epsilon_lower_bound"]
     result = AuditResult(

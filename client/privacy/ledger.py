@@ -36,14 +36,17 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from synth.atomic import PRIVATE_MODE, write_atomic
 
 from .audit import AuditLog
 
+fcntl: ModuleType | None
 try:  # POSIX advisory lock: two processes of one site never lose each other's rounds
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX
@@ -111,7 +114,7 @@ def merge_history(history: Sequence[Sequence], noise_multiplier: float, sample_r
     return out
 
 
-def make_accountant(mechanism: str, history: Sequence[Sequence] = ()) -> "IAccountant":
+def make_accountant(mechanism: str, history: Sequence[Sequence] = ()) -> IAccountant:
     """A fresh Opacus accountant of `mechanism` restored from `history` via load_state_dict."""
     from opacus.accountants import create_accountant  # lazy: opacus takes seconds to import
 
@@ -172,7 +175,7 @@ class Reservation:
     epsilon_after: float
     kind: str = "train"
 
-    def accountant(self) -> "IAccountant":
+    def accountant(self) -> IAccountant:
         """The ledger's accountant as it was before this round; Opacus appends this round's steps."""
         return make_accountant(self.mechanism, self.history_before)
 
@@ -184,12 +187,12 @@ class PrivacyLedger:
     mechanism: str = "rdp"
     history: list[HistoryItem] = field(default_factory=list)
     entries: list[LedgerEntry] = field(default_factory=list)
-    audit: "AuditLog | None" = field(default=None, repr=False, compare=False)
+    audit: AuditLog | None = field(default=None, repr=False, compare=False)
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
     def open(cls, state_dir: str | os.PathLike, model_key: str, mechanism: str = "rdp",
-             audited: bool = True) -> "PrivacyLedger":
+             audited: bool = True) -> PrivacyLedger:
         """Load a ledger from `state_dir`, or start an empty one (written on first reserve).
 
         `audited`: every charge also goes to the state_dir's audit log (the site's way).
@@ -208,7 +211,7 @@ class PrivacyLedger:
         return cls(path=path, model_key=model_key, mechanism=mechanism, audit=audit)
 
     @classmethod
-    def open_site(cls, state_dir: str | os.PathLike, mechanism: str = "rdp") -> "PrivacyLedger":
+    def open_site(cls, state_dir: str | os.PathLike, mechanism: str = "rdp") -> PrivacyLedger:
         """The site's one ledger, with any older per-backbone ledgers folded in (their cost kept)."""
         ledger = cls.open(state_dir, SITE_KEY, mechanism)
         legacy = sorted(p for p in ledger.path.parent.glob("ledger-bb-*.json"))
@@ -238,14 +241,15 @@ class PrivacyLedger:
                 os.replace(path, path.with_name(path.name + ".folded"))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PrivacyLedger":
+    def load(cls, path: str | os.PathLike) -> PrivacyLedger:
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise LedgerError(f"{path}: cannot read privacy ledger: {exc}") from exc
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise LedgerError(f"{path}: not a privacy ledger (format {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r})")
+            found = raw.get("format") if isinstance(raw, dict) else None
+            raise LedgerError(f"{path}: not a privacy ledger (format {found!r}, expected {FORMAT!r})")
         try:
             history = [(float(n), float(q), int(s)) for n, q, s in raw["history"]]
             entries = [LedgerEntry(**e) for e in raw["entries"]]
@@ -262,7 +266,7 @@ class PrivacyLedger:
             self.history, self.entries, self.mechanism = other.history, other.entries, other.mechanism
 
     # ---- reading -------------------------------------------------------------------
-    def accountant(self) -> "IAccountant":
+    def accountant(self) -> IAccountant:
         """A fresh Opacus accountant restored from the persisted history."""
         return make_accountant(self.mechanism, self.history)
 
@@ -343,7 +347,7 @@ class PrivacyLedger:
                            sample_rate=entry.sample_rate, steps=entry.steps, history_before=before,
                            history_after=tuple(after_hist), epsilon_after=eps_after, kind=kind)
 
-    def commit(self, reservation: Reservation, accountant: "IAccountant | None" = None) -> LedgerEntry:
+    def commit(self, reservation: Reservation, accountant: IAccountant | None = None) -> LedgerEntry:
         """Mark a reserved round as trained; `accountant` (the one Opacus stepped) must match it."""
         if accountant is not None:
             got: list[HistoryItem] = []

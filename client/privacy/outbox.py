@@ -9,17 +9,15 @@ the audit log, and nothing is sent.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .audit import AuditLog, AuditRecord, _as_numpy
+from pasta_model.protocol import TASKS
 
-try:
-    from pasta_model.heads import TASKS
-except ImportError:  # pragma: no cover - the model package is always installed with the client
-    TASKS = ("segment", "detect", "report", "stage", "survival")
+from .audit import AuditLog, AuditRecord, _as_numpy
 
 # Metrics a site may report. Data-derived ones are aggregates over `num-examples` (or
 # the count given for them); DP bookkeeping metrics describe the mechanism, not patients.
@@ -34,6 +32,8 @@ DEFAULT_ALLOWED_METRICS = DATA_METRICS | DP_METRICS
 
 class OutboxRefused(RuntimeError):
     """Something in a reply is not allowed to leave the site."""
+
+    audited: bool = False     # set by `release` once the refusal is in the audit log
 
 
 @dataclass(frozen=True)

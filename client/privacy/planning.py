@@ -8,8 +8,8 @@ every round from the ledger adapts to missed or replayed rounds.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 

@@ -58,7 +58,9 @@ class StateReport:
 
 def _chain(audit: AuditLog) -> tuple[list[dict], list[str], str | None]:
     """Records, line hashes, and the first break of the chain (None when intact)."""
-    records, hashes, prev = [], [], GENESIS
+    records: list[dict] = []
+    hashes: list[str] = []
+    prev = GENESIS
     if not audit.path.exists():
         return records, hashes, None
     for number, raw in enumerate(audit.path.read_bytes().splitlines(), 1):
@@ -152,9 +154,11 @@ def repair_state(state_dir: str | os.PathLike, site: str | None = None) -> State
                 kind=m.get("kind", "train"), backbone=m.get("backbone"), audit_sha256=None))
         lost = {e.audit_sha256 for e in report.lost_anchors}
         for entry in ledger.entries:
-            if entry.audit_sha256 in lost:
+            if entry.audit_sha256 is not None and entry.audit_sha256 in lost:
                 entry.audit_sha256 = LOST + entry.audit_sha256
         ledger._write()
+    if ledger.audit is None:  # PrivacyLedger.open(..., audited=True) always attaches it
+        raise RuntimeError(f"{state_dir}: the site ledger has no audit log to record the repair in")
     ledger.audit.append(AuditRecord.describe(
         run_id="operator", round=0, message_type="repair", arrays={}, status="repaired", site=site,
         reason="; ".join(report.problems) or "nothing to repair",

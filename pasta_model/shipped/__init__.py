@@ -253,7 +253,7 @@ def ship_checkpoint(source: str | os.PathLike, card: dict, out_dir: str | os.Pat
             "source": {"checkpoint": str(source), "sha256": file_sha256(source)},
             "round_trip": {"max_abs_diff": float(f"{diff:.3g}"), "allowed": float(f"{allowed:.3g}")},
             "package_version": package_version(),
-            "shipped": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "shipped": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         })
         with atomic_path(out_dir / CARD_JSON) as tmp_json, atomic_path(out_dir / CARD_MD) as tmp_md:
             tmp_json.write_text(json.dumps(card, indent=2, sort_keys=False, allow_nan=True) + "\n",

@@ -46,16 +46,19 @@ def merged_record(fab: bytes, signature_files: list[Path]) -> dict:
     """One record with the signatures of every file, each checked against `fab`."""
     if not signature_files:
         raise ProvisioningError("no signature record given")
-    merged: dict | None = None
-    for path in signature_files:
+
+    def checked(path: Path) -> dict:
         record = read_record(path)
         check_record(fab, record, str(path))
-        if merged is None:
-            merged = record
-        else:
-            ids = {s["public_key_id"] for s in record["signatures"]}
-            merged = {**merged, "signatures": [s for s in merged["signatures"]
-                                               if s["public_key_id"] not in ids] + record["signatures"]}
+        return record
+
+    first, *others = signature_files
+    merged = checked(first)
+    for path in others:
+        record = checked(path)
+        ids = {s["public_key_id"] for s in record["signatures"]}
+        merged = {**merged, "signatures": [s for s in merged["signatures"]
+                                           if s["public_key_id"] not in ids] + record["signatures"]}
     return merged
 
 

@@ -251,16 +251,19 @@ def sign_release(key_path: Path, out_fab: Path, *, app_dir: Path | None = None,
     Signing a FAB that already has a record for the same content adds this key's
     signature (several signers); a different FAB under the same name needs `force`.
     """
+    one_source = "give either --app (a project folder) or --fab (a built FAB)"
     if (app_dir is None) == (fab_path is None):
-        raise ProvisioningError("give either --app (a project folder) or --fab (a built FAB)")
+        raise ProvisioningError(one_source)
     key = load_private_key(key_path)
     if fab_path is not None:
         try:
             fab = Path(fab_path).read_bytes()
         except OSError as err:
             raise ProvisioningError(f"{fab_path}: cannot read the FAB ({err})") from err
-    else:
+    elif app_dir is not None:
         fab = build_fab(app_dir)
+    else:  # excluded by the first check; spelled out so app_dir is narrowed to a Path above
+        raise ProvisioningError(one_source)
     out_fab, sig = Path(out_fab), signature_path(Path(out_fab))
     record = new_record(fab, str(fab_path or app_dir))
     if out_fab.exists() and out_fab.read_bytes() != fab:

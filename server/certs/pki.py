@@ -81,7 +81,7 @@ def parse_server_names(names: Sequence[str]) -> list[x509.GeneralName]:
 def _validity(days: int) -> tuple[_dt.datetime, _dt.datetime]:
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     return now - CLOCK_SKEW, now + _dt.timedelta(days=days)
 
 
@@ -201,6 +201,8 @@ def load_ca(cert_pem_bytes: bytes, key_pem_bytes: bytes) -> KeyAndCert:
     key = serialization.load_pem_private_key(key_pem_bytes, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("not an EC private key")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    cert_key = cert.public_key()
+    if (not isinstance(cert_key, ec.EllipticCurvePublicKey)
+            or key.public_key().public_numbers() != cert_key.public_numbers()):
         raise ValueError("the key does not belong to the CA certificate")
     return KeyAndCert(key, cert)

@@ -226,7 +226,7 @@ class Handout:
             "",
             "== The coordinator registers it (once) with:",
             "  " + shlex.join(self.register_command),
-            f"  where $FLWR_HOME/config.toml (default ~/.flwr/config.toml) has:",
+            "  where $FLWR_HOME/config.toml (default ~/.flwr/config.toml) has:",
             *("    " + line for line in self.flower_config.splitlines()),
             "",
         ])

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
 import yaml

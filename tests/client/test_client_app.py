@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flower_messages import node_context, query_message, resolve_from_node_config, round_config, round_message
 from flwr.app import ConfigRecord, Message, RecordDict
+from hospital_factory import write_hospital, write_pretrained
 
 import client.app as client_app
 from client.app import handle_evaluate, handle_query, handle_train, make_client_app
 from client.privacy.audit import AuditLog
 from client.task import SiteAgent
-from flower_messages import node_context, query_message, resolve_from_node_config, round_config, round_message
-from hospital_factory import write_hospital, write_pretrained
 from pasta_model.checkpoint import load_checkpoint
 from pasta_model.protocol import ErrorCode, error_message, heads_to_arrays
 

@@ -6,8 +6,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from client.ingest import IngestError, discover_cases, labels_for, read_case, read_labels, scan_site
 from client.check import check_site
+from client.ingest import IngestError, discover_cases, labels_for, read_case, read_labels, scan_site
 from client.site_config import load_site_config
 
 JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}

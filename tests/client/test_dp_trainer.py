@@ -137,12 +137,17 @@ def test_fedprox_pulls_towards_the_global_head(trainer):
     assert moves[5.0] < 0.6 * moves[0.0]
 
 
-def test_device_is_chosen_at_run_time():
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only case")
+def test_auto_device_on_a_machine_without_cuda_is_the_cpu_and_cuda_is_refused():
+    assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_auto_device_on_a_cuda_machine_is_the_gpu():
+    assert resolve_device("auto").type == "cuda"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

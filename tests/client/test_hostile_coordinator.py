@@ -13,6 +13,8 @@ import dp_accounting
 import numpy as np
 import pytest
 import yaml
+from flower_messages import node_context, query_message, resolve_from_node_config, round_config, round_message
+from hospital_factory import write_hospital, write_pretrained
 from opacus.accountants import RDPAccountant
 
 from client.app import handle_evaluate, handle_query, handle_train
@@ -20,8 +22,6 @@ from client.features import validation_patients
 from client.privacy.ledger import PrivacyLedger
 from client.site_config import load_site_config
 from client.task import REFUSED_BACKBONE, SiteAgent
-from flower_messages import node_context, query_message, resolve_from_node_config, round_config, round_message
-from hospital_factory import write_hospital, write_pretrained
 from pasta_model.checkpoint import backbone_sha256, load_checkpoint
 from pasta_model.network import backbone_keys
 from pasta_model.protocol import RoundConfig, heads_to_arrays
@@ -179,6 +179,7 @@ def _tweaked_backbone(model) -> tuple[str, dict]:
     first = sorted(state)[0]
     state[first].flat[0] += 1e-6
     import copy
+
     import torch
     other = copy.deepcopy(model)
     other.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)

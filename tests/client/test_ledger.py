@@ -19,8 +19,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy.dp_trainer import private_round
-from client.privacy.ledger import (BudgetExceeded, DuplicateRound, PrivacyLedger, epsilon_of, ledger_key,
-                                   ledger_path)
+from client.privacy.ledger import BudgetExceeded, DuplicateRound, PrivacyLedger, epsilon_of, ledger_key, ledger_path
 from client.privacy.planning import noise_for_budget, plan_noise, poisson_schedule
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hospital_factory import write_hospital, write_pretrained
 from scipy import stats
 
-from client.privacy.empirical_audit import (CONSISTENT, LEAKS, audit_head, canary_inputs, combined_updates,
-                                            run_audit)
+from client.privacy.empirical_audit import CONSISTENT, LEAKS, audit_head, canary_inputs, combined_updates, run_audit
 from client.privacy.one_run_bound import epsilon_lower_bound, one_run_p_value
 from client.site_config import SiteConfigError, load_site_config
 from client.task import SiteAgent
-from hospital_factory import write_hospital, write_pretrained
 from pasta_model.checkpoint import read_meta
 from simulation.cli import build_parser, main
 

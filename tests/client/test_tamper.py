@@ -6,17 +6,17 @@ import json
 import shutil
 
 import pytest
+from flower_messages import node_context, resolve_from_node_config, round_config, round_message
+from hospital_factory import write_hospital, write_pretrained
+from test_ledger import _run_cli
 
 from client.app import handle_train
 from client.privacy.audit import GENESIS, AuditLog, AuditRecord
 from client.privacy.ledger import SITE_KEY, PrivacyLedger, ledger_path
 from client.privacy.tamper import inspect_state
 from client.task import REFUSED_STATE
-from flower_messages import node_context, resolve_from_node_config, round_config, round_message
-from hospital_factory import write_hospital, write_pretrained
 from pasta_model.checkpoint import load_checkpoint
 from pasta_model.protocol import heads_to_arrays
-from test_ledger import _run_cli
 
 DELTA = 1e-5
 

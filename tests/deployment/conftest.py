@@ -3,10 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from hospital_factory import write_hospital, write_pretrained
-
 from deploy_cluster import Cluster
+from hospital_factory import write_hospital, write_pretrained
 
 CASES = 14   # per site: enough training patients (>= 5) for DP rounds, small enough to be quick
 

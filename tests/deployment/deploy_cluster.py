@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import deploy_guides as guide
+
 from server.certs import Layout
 from simulation.cli import main as cli_main
 

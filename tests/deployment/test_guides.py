@@ -5,9 +5,8 @@ import re
 import shutil
 import subprocess
 
-import pytest
-
 import deploy_guides as guide
+import pytest
 
 
 @pytest.mark.parametrize("doc", [guide.COORDINATOR, guide.HOSPITAL], ids=lambda p: p.name)
@@ -49,6 +48,7 @@ def test_guide_commands_are_the_deployment_essentials():
     assert publish[publish.index("--database") + 1] == link[link.index("--database") + 1]
     run_config = guide.command("flwr", "run")[guide.command("flwr", "run").index("--run-config") + 1]
     from flwr.common.config import parse_config_args
+
     from server.settings import RunSettings
     parsed = parse_config_args([run_config])
     RunSettings.from_run_config(parsed)          # every key is a real, valid setting

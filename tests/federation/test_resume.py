@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
 from hospital_factory import write_hospital, write_pretrained
+from opacus.accountants import RDPAccountant
+from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("federation_script.py")
@@ -28,6 +29,16 @@ def _ledger(site: Path) -> dict:
     return json.loads((site.parent / "state" / "privacy" / "ledger-site.json").read_text())
 
 
+def _independent_epsilon(charges, delta: float) -> float:
+    accountant = dp_accounting.rdp.RdpAccountant(list(RDPAccountant.DEFAULT_ALPHAS))
+    for sigma, q, steps in charges:
+        event = dp_accounting.GaussianDpEvent(sigma)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        accountant.compose(event, int(steps))
+    return float(accountant.get_epsilon(delta))
+
+
 def _cmd(pre: Path, run: Path, sites: list[Path]) -> list[str]:
     return [sys.executable, str(SCRIPT), str(pre), str(run), str(ROUNDS), *map(str, sites)]
 
@@ -39,7 +50,7 @@ def _run(cmd, log: Path, timeout: float = 400) -> None:
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path):
+def test_sigkill_mid_run_then_resume_runs_each_round_once_and_charges_every_attempt(tmp_path: Path):
     pre = write_pretrained(tmp_path / "pretrained.ckpt")
     # the uninterrupted reference run, on its own copy of the hospitals (own ledgers)
     ref_run = tmp_path / "ref-run"
@@ -68,7 +79,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path):
     # completed rounds are never run again
     assert (run / "checkpoints" / "round-001.json").stat().st_mtime_ns == first_round
 
-    rounds = [json.loads(l)["round"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(1, ROUNDS + 1))
     # Not promised: that the resumed run equals the uninterrupted one. Every training attempt
     # draws fresh noise (a replay with the noise of its first attempt would give the noise away),
@@ -76,7 +87,6 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path):
 
     # privacy spent is never forgotten: each completed round is in every ledger; a round that was
     # cut short after the sites trained it is re-run and appears as a second attempt
-    replays = 0   # re-run rounds, counted for the record
     ref_sites = sorted((tmp_path / "ref-sites").glob("*/hospital.yaml"))
     for site, ref_site in zip(sites, ref_sites):
         ledger = _ledger(site)
@@ -88,7 +98,11 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path):
         for r in range(1, ROUNDS + 1):
             attempts = [e for e in ledger["entries"] if e["round"] == r]
             assert [e["attempt"] for e in attempts] == list(range(1, len(attempts) + 1))
-            replays += len(attempts) - 1
+        # every attempt, a re-run round's first one included, is in the site's epsilon:
+        # Google's dp-accounting over all entries gives the ledger's own final figure
+        charges = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
+        assert ledger["entries"][-1]["epsilon_after"] == pytest.approx(
+            _independent_epsilon(charges, ledger["entries"][-1]["delta"]), rel=0.02)
 
     # Both runs must finish every round with sane heads (not equal ones: see above).
     final = load_file(str(run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))

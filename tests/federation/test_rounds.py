@@ -9,11 +9,11 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
+from hospital_factory import write_hospital, write_pretrained
 from safetensors.numpy import load_file
 
 import server.app as server_app
 from client.app import handle_evaluate, handle_query, handle_train
-from hospital_factory import write_hospital, write_pretrained
 from server.settings import RunSettings
 from simulation.federation import SitesByPartition, run_federated
 
@@ -56,8 +56,9 @@ def test_only_heads_travel_and_round_is_weighted_mean(federation, monkeypatch):
     heads = load_file(str(run / "checkpoints" / "round-001.safetensors"))
     assert heads and all(k.startswith("heads.report.") for k in heads)
     for site in ("h0", "h1", "h2"):
-        lines = [json.loads(l) for l in (tmp / "sites" / site / "state" / "audit" / "audit.jsonl").read_text().splitlines()]
-        sent = [e for e in lines if e["message_type"] == "train" and e["status"] == "sent"]
+        audit_log = tmp / "sites" / site / "state" / "audit" / "audit.jsonl"
+        entries = [json.loads(line) for line in audit_log.read_text().splitlines()]
+        sent = [e for e in entries if e["message_type"] == "train" and e["status"] == "sent"]
         assert len(sent) == 2
         assert all(k.startswith("heads.report.") for e in sent for k in e["keys"])
 
@@ -69,7 +70,7 @@ def test_only_heads_travel_and_round_is_weighted_mean(federation, monkeypatch):
         expected = sum(arrs[key] * n for arrs, n in replies) / total
         np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
 
-    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2]
     assert set(metrics[0]["sites"]) == {"h0", "h1", "h2"}
     assert (run / "final.ckpt").exists() and (run / "report.md").exists()
@@ -103,7 +104,7 @@ def test_site_failing_in_round_two_is_named_and_round_completes(federation, monk
     import simulation.federation as fed
     monkeypatch.setattr(fed, "make_client_app", lambda resolve: _failing_app(sites))
     run = run_federated(_settings(tmp, pre, strategy="fedmedian"), sites)   # FedMedian end to end too
-    rounds = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds[0]["num_sites"] == 3
     assert rounds[1]["num_sites"] == 2
     failed = {f["site"]: f["reason"] for f in rounds[1]["failed"]}

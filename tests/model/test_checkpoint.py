@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pasta_model.checkpoint import (CheckpointError, backbone_sha256, load_checkpoint, read_meta,
-                                    save_checkpoint)
+from pasta_model.checkpoint import CheckpointError, backbone_sha256, load_checkpoint, read_meta, save_checkpoint
 from pasta_model.network import build_model, head_keys
 from synth.vocabulary import LESION_TYPE_NAMES, T_STAGES
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pasta_model.data import (
-    REPORT_NAMES, build_datasets, case_targets, prepare_cases, region_plan, split_cases)
+from pasta_model.data import build_datasets, case_targets, prepare_cases, region_plan, split_cases
 from pasta_model.losses import IGNORE_INDEX
 from pasta_model.presets import get_preset
 from simulation.cli import main as cli_main
@@ -128,26 +127,5 @@ def test_split_by_case_is_deterministic_and_disjoint():
     # a case keeps its side when other cases are added
     train2, val2 = split_cases(ids + ["extra"], 0.2, seed=1)
     assert set(val) <= set(val2)
-    assert len(REPORT_NAMES) == 6
 
 
-def test_features_are_the_backbone_outputs_without_grad_and_cache_round_trips(tmp_path):
-    from pasta_model.features import FeatureCache, case_features, extract_features
-    from pasta_model.network import build_model
-    torch.manual_seed(0)
-    model = build_model(TINY).train()
-    x = torch.rand(2, 1, 32, 32, 32)
-    f = extract_features(model, x)
-    assert model.training                                   # mode restored
-    assert not f.pooled.requires_grad and f.decoder.shape == (2, TINY.base_features, 32, 32, 32)
-    model.eval()
-    with torch.no_grad():
-        ref = model.encode(x)
-    assert torch.allclose(f.pooled, ref.pooled) and torch.allclose(f.decoder, ref.decoder)
-    one = case_features(model, torch.rand(1, 60, 60, 60), [30, 30, 30])
-    assert one["pooled"].shape == (TINY.deep_features,) and one["decoder"].dtype == torch.float16
-    cache = FeatureCache(tmp_path, "ab" * 32)
-    assert cache.get("c1") is None
-    cache.put("c1", one)
-    back = cache.get("c1")
-    assert torch.equal(back["pooled"], one["pooled"]) and torch.equal(back["decoder"], one["decoder"])

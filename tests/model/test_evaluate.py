@@ -11,8 +11,13 @@ import torch
 
 from pasta_model import metrics
 from pasta_model.checkpoint import save_checkpoint
-from pasta_model.evaluate import (detect_auc_by_organ, has_organ_output, lesion_dice_summary, organ_dice_summary,
-                                  score_case)
+from pasta_model.evaluate import (
+    detect_auc_by_organ,
+    has_organ_output,
+    lesion_dice_summary,
+    organ_dice_summary,
+    score_case,
+)
 from pasta_model.network import PastaNet, build_model
 from pasta_model.presets import get_preset
 from simulation.cli import main as cli_main
@@ -153,6 +158,7 @@ class ConstantLiver(PastaNet):
 
 def test_score_case_gives_organ_dice_for_a_model_with_an_organ_output(setup):
     import nibabel as nib
+
     from pasta_model.data import case_items
 
     _, _, records = setup

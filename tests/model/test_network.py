@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +9,17 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from pasta_model.heads import (DETECT_OUTPUTS, REPORT_OUTPUTS, TASKS, ClassHead, SegmentHead,
-                               build_head, split_report_logits)
-from pasta_model.network import BackboneFeatures, PastaNet, build_model, centre_pool, head_input, head_keys
-from pasta_model.presets import Preset, get_preset, load_presets
+from pasta_model.heads import (
+    DETECT_OUTPUTS,
+    REPORT_OUTPUTS,
+    TASKS,
+    ClassHead,
+    SegmentHead,
+    build_head,
+    split_report_logits,
+)
+from pasta_model.network import PastaNet, build_model, centre_pool, head_input, head_keys
+from pasta_model.presets import get_preset, load_presets
 from synth.vocabulary import HOST_ORGANS, LESION_TYPE_NAMES, T_STAGES
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"   # shared/ lies beside the checkout

@@ -10,7 +10,7 @@ from pasta_model.checkpoint import load_checkpoint, read_meta
 from pasta_model.data import build_datasets, prepare_cases, region_plan
 from pasta_model.network import build_model
 from pasta_model.presets import get_preset
-from pasta_model.pretrain import PretrainConfig, compute_losses, train_step, DEFAULT_LOSS_WEIGHTS
+from pasta_model.pretrain import DEFAULT_LOSS_WEIGHTS, PretrainConfig, train_step
 from simulation.cli import main as cli_main
 
 
@@ -85,9 +85,9 @@ def test_config_errors_name_the_bad_key(tmp_path):
 def test_a_fresh_model_overfits_the_lesion_of_a_tiny_batch(dataset):
     """Regression: from the 50/50 start, CE drove every voxel to background and the argmax
     Dice stayed exactly 0 for ~100 steps; from the lesion prior it passes 0.5 within 25."""
-    from synth.dataset import read_dataset
     from pasta_model.data import CropDataset
     from pasta_model.evaluate import crop_metrics
+    from synth.dataset import read_dataset
 
     tiny = get_preset("tiny")
     cases = prepare_cases(read_dataset(dataset)[:2], tiny, region_plan(tiny, 0, 0, 0))
@@ -104,10 +104,19 @@ def test_a_fresh_model_overfits_the_lesion_of_a_tiny_batch(dataset):
     assert crop_metrics(model, [ds], torch.device("cpu"))["dice"] > 0.5
 
 
-def test_auto_precision_is_bf16_only_where_the_device_computes_it():
+def test_auto_precision_is_bf16_on_cuda_and_an_explicit_precision_is_kept():
     from pasta_model.pretrain import resolve_precision
-    cpu = torch.device("cpu")
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_cpu_autocast_computes_in_the_precision_auto_picks():
+    from pasta_model.pretrain import autocast, resolve_precision
+    cpu = torch.device("cpu")
+    conv = torch.nn.Conv3d(1, 2, 3)
+    with autocast(cpu):
+        out = conv(torch.rand(1, 1, 6, 6, 6))
+    assert out.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_precision("auto", cpu)]
+    with autocast(cpu, "fp32"):
+        assert conv(torch.rand(1, 1, 6, 6, 6)).dtype == torch.float32

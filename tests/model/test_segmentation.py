@@ -9,8 +9,14 @@ import torch
 from pasta_model.checkpoint import load_checkpoint
 from pasta_model.presets import get_preset
 from pasta_model.pretrain import PretrainConfig, pretrain
-from pasta_model.segmentation import (LESION_LABEL, SegmentationRecipe, SegmentationStepper, evaluate_volumes,
-                                      load_volumes, train_for)
+from pasta_model.segmentation import (
+    LESION_LABEL,
+    SegmentationRecipe,
+    SegmentationStepper,
+    evaluate_volumes,
+    load_volumes,
+    train_for,
+)
 from synth.run import generate_dataset
 
 

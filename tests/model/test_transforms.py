@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from pasta_model.transforms import (
-    CenteredCropd,
-    LesionCenterd,
     PastaHUMapd,
     build_preprocess,
     centred_crop,
@@ -42,17 +40,6 @@ def test_centred_crop_keeps_the_centre_and_pads_with_air_at_the_border():
     assert c.shape == (1, 8, 8, 8)
     assert c[0, 4, 4, 4] == x[0, 1, 6, 6]
     assert (c[0, :3] == 0).all() and (c[0, 3:] > 0).all()
-
-
-def test_lesion_crop_is_centred_on_the_lesion_for_image_and_label():
-    lab = torch.zeros(1, 30, 30, 30, dtype=torch.uint8)
-    lab[0, 5:25, 5:25, 5:25] = 1
-    lab[0, 18:22, 8:12, 20:24] = 2
-    img = lab.float()
-    d = LesionCenterd()({"image": img, "label": lab})
-    assert d["lesion_center"] == [20, 10, 22]
-    d = CenteredCropd(["image", "label"], "lesion_center", 8)(d)
-    assert d["label"].shape == (1, 8, 8, 8) and (d["label"][0, 2:6, 2:6, 2:6] == 2).all()
 
 
 def test_negative_centres_give_lesion_free_boxes():

@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from server import cli
 from server.certs import (
     ProvisioningError,
+    app_signing,
     generate_release_key,
     init_consortium,
     make_handout,
     publish_release,
     sign_release,
 )
-from server.certs import app_signing
 from server.certs.app_publish import open_superlink_state, store_signed_app
 
 TINY_PYPROJECT = """\

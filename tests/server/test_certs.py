@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
-import os
 import json
+import os
 import shlex
 import shutil
 import signal

@@ -31,7 +31,8 @@ def _env(tmp: Path) -> dict:
 def _dp_accounting_epsilon(history: list[dict], delta: float) -> float:
     acc = rdp.RdpAccountant(orders=[1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
     for h in history:
-        event = dp_accounting.PoissonSampledDpEvent(h["sample_rate"], dp_accounting.GaussianDpEvent(h["noise_multiplier"]))
+        gaussian = dp_accounting.GaussianDpEvent(h["noise_multiplier"])
+        event = dp_accounting.PoissonSampledDpEvent(h["sample_rate"], gaussian)
         acc.compose(event, int(h["steps"]))
     return acc.get_epsilon(delta)
 
@@ -66,7 +67,7 @@ def test_simulate_killed_after_round_one_resumes_to_an_honest_end(tmp_path: Path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == f"report: {run / 'report.md'}"
 
-    rounds = [json.loads(l)["round"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
     assert (run / "final.ckpt").exists()
     report = (run / "report.md").read_text()

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from synth.atomic import (DEFAULT_MODE, PRIVATE_MODE, append_durable, atomic_path, clean_stale_temp_files,
-                          write_atomic)
+from synth.atomic import PRIVATE_MODE, append_durable, atomic_path, clean_stale_temp_files, write_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
@@ -32,7 +31,19 @@ def test_modes_and_suffixes(tmp_path):
     with atomic_path(mask) as tmp:
         assert tmp.name.endswith(".nii.gz")      # writers pick the format from the suffix
         tmp.write_bytes(b"x")
-    assert stat.S_IMODE(os.stat(mask).st_mode) == DEFAULT_MODE
+    (tmp_path / "plain.txt").write_text("x")
+    assert stat.S_IMODE(os.stat(mask).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+
+
+def test_a_file_gets_the_umask_in_force_when_it_is_written(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "report.json") as tmp:
+            tmp.write_text("{}")
+        assert os.umask(0o027) == 0o027          # writing did not change the process umask
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "report.json").st_mode) == 0o640
 
 
 def test_append_durable_appends(tmp_path):
