@@ -25,7 +25,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.privacy.dp_trainer import resolve_device, train_head_dp, train_head_plain
+from client.privacy.dp_trainer import train_head_dp, train_head_plain
+from pasta_model.device import select_device
 from pasta_model.heads import build_head
 from pasta_model.presets import get_preset
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-cache", action="store_true", help="skip the feature-cache comparison")
     args = ap.parse_args(argv)
 
-    device = resolve_device(args.device)
+    device = select_device(args.device)
     preset = get_preset("tiny")
     g = torch.Generator().manual_seed(0)
     n, s = args.n, preset.crop_size

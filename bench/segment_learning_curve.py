@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pasta_model.data import prepare_cases, region_plan, split_cases
+from pasta_model.device import autocast, channels_last, resolve_precision, select_device
 from pasta_model.losses import segmentation_loss
 from pasta_model.metrics import dice
 from pasta_model.network import build_model
 from pasta_model.presets import get_preset
-from pasta_model.pretrain import autocast, channels_last, resolve_precision, select_device
 from pasta_model.transforms import centred_crop, plain
 from synth.dataset import read_dataset
 

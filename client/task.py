@@ -24,12 +24,13 @@ import torch
 
 from client.features import FeatureCache, SiteTaskData
 from client.privacy.dp_metrics import count_tables, dp_evaluation
-from client.privacy.dp_trainer import private_round, resolve_device
+from client.privacy.dp_trainer import private_round
 from client.privacy.ledger import BudgetExceeded, PrivacyLedger
 from client.privacy.planning import evaluation_noise, plan_noise
 from client.privacy.tamper import StateMismatch, check_state
 from client.site_config import SiteConfig
 from pasta_model.checkpoint import backbone_sha256, load_checkpoint, read_meta, save_checkpoint
+from pasta_model.device import select_device
 from pasta_model.finetune import head_loss, output_layer_only, predict_head
 from pasta_model.network import ORGAN_HEAD_PREFIX, PastaNet, backbone_keys, build_model
 from pasta_model.protocol import (
@@ -112,7 +113,7 @@ class SiteAgent:
             if path.exists() and read_meta(path).backbone_sha256 == sha256:
                 model, _ = load_checkpoint(path)    # verifies the stored hash against the weights
                 model.freeze_backbone()
-                model.to(resolve_device(self.config.device)).eval()
+                model.to(select_device(self.config.device)).eval()
                 self._models[sha256] = model
                 return model
         raise SiteRefused(f"site {self.config.site}: no backbone with SHA-256 {sha256[:12]}... "

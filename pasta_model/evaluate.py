@@ -36,7 +36,8 @@ NO_ORGAN_OUTPUT = "the model has no organ output"
 @torch.no_grad()
 def crop_outputs(model: PastaNet, datasets, device, batch_size: int = 8, weights: dict | None = None) -> dict:
     """Run every crop of `datasets` through the model; collect predictions and targets as numpy."""
-    from .pretrain import autocast, compute_losses, to_device
+    from .device import autocast
+    from .pretrain import compute_losses, to_device
 
     model.eval()
     acc: dict[str, list] = {}
@@ -257,7 +258,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, *, device: str = "aut
     """Whole-volume Dice/HD95 (sliding window) plus classification/detection metrics on crops."""
     from .checkpoint import load_checkpoint
     from .data import build_datasets, case_items, prepare_cases, region_plan
-    from .pretrain import select_device
+    from .device import select_device
 
     dev = select_device(device)
     model, meta = load_checkpoint(checkpoint, device=dev)

@@ -135,7 +135,7 @@ def _nifti_input(image: Path, workdir: Path) -> tuple[Path, object | None]:
 def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, device: str = "auto",
             threshold: float = 0.5) -> dict:
     """Segment, measure and describe one CT; writes mask.nii.gz, report.json and report.txt to `out_dir`."""
-    from .pretrain import select_device
+    from .device import select_device
 
     dev = select_device(device)
     image, out_dir = Path(image), Path(out_dir)

@@ -34,9 +34,9 @@ from synth.dataset import read_dataset
 from synth.totalseg import TOTALSEG_HOSTS
 from synth.vocabulary import HOST_ORGANS
 
+from .device import autocast, channels_last, select_device
 from .network import PastaNet
 from .presets import Preset
-from .pretrain import autocast, channels_last, select_device
 from .transforms import LESION_LABEL, PastaHUMapd, load_keys
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "AuditLog": "audit", "AuditRecord": "audit", "payload_sha256": "audit",
     "DPTrainResult": "dp_trainer", "train_head_dp": "dp_trainer", "train_head_plain": "dp_trainer",
-    "private_round": "dp_trainer", "resolve_device": "dp_trainer",
+    "private_round": "dp_trainer",
     "check_one_row_per_patient": "dp_trainer", "first_row_per_patient": "dp_trainer",
     "BudgetExceeded": "ledger", "DuplicateRound": "ledger", "LedgerEntry": "ledger", "LedgerError": "ledger",
     "PrivacyLedger": "ledger", "Reservation": "ledger", "epsilon_of": "ledger", "ledger_key": "ledger",

@@ -29,6 +29,8 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pasta_model.device import select_device
+
 from .ledger import PrivacyLedger, make_accountant
 from .planning import poisson_schedule
 
@@ -59,18 +61,6 @@ def _fresh_seed() -> int:
     """A new seed for every call: Poisson batches and noise must be independent across rounds
     (the same seed every round would repeat the noise, and differences of rounds would cancel it)."""
     return secrets.randbits(62)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda when present, else cpu; chosen at run time, never at import."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def check_one_row_per_patient(patient_ids: Sequence | None, n_rows: int) -> None:
@@ -184,7 +174,7 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     check_one_row_per_patient(patient_ids, inputs.shape[0])
-    dev = resolve_device(device)
+    dev = select_device(device)
     seed = _fresh_seed() if seed is None else int(seed)
     dataset, keys = _dataset(inputs, targets)
     n = len(dataset)
@@ -283,7 +273,7 @@ def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn:
     """
     t0 = time.perf_counter()
     check_one_row_per_patient(patient_ids, inputs.shape[0])
-    dev = resolve_device(device)
+    dev = select_device(device)
     seed = _fresh_seed() if seed is None else int(seed)
     dataset, keys = _dataset(inputs, targets)
     n = len(dataset)
@@ -352,5 +342,5 @@ def private_round(ledger: PrivacyLedger, *, run_id: str, round: int, max_epsilon
     return result
 
 
-__all__ = ["DPTrainResult", "train_head_dp", "train_head_plain", "private_round", "resolve_device",
+__all__ = ["DPTrainResult", "train_head_dp", "train_head_plain", "private_round",
            "check_one_row_per_patient", "first_row_per_patient", "make_accountant"]

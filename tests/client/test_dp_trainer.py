@@ -8,8 +8,9 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 
-from client.privacy.dp_trainer import first_row_per_patient, resolve_device, train_head_dp, train_head_plain
+from client.privacy.dp_trainer import first_row_per_patient, train_head_dp, train_head_plain
 from client.privacy.ledger import epsilon_of, make_accountant
+from pasta_model.device import select_device
 from pasta_model.heads import REPORT_OUTPUTS, build_head, split_report_logits
 from pasta_model.presets import get_preset
 
@@ -139,15 +140,15 @@ def test_fedprox_pulls_towards_the_global_head(trainer):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only case")
 def test_auto_device_on_a_machine_without_cuda_is_the_cpu_and_cuda_is_refused():
-    assert resolve_device("auto") == torch.device("cpu")
-    assert resolve_device("cpu") == torch.device("cpu")
+    assert select_device("auto") == torch.device("cpu")
+    assert select_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        resolve_device("cuda")
+        select_device("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_auto_device_on_a_cuda_machine_is_the_gpu():
-    assert resolve_device("auto").type == "cuda"
+    assert select_device("auto").type == "cuda"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -105,14 +105,14 @@ def test_a_fresh_model_overfits_the_lesion_of_a_tiny_batch(dataset):
 
 
 def test_auto_precision_is_bf16_on_cuda_and_an_explicit_precision_is_kept():
-    from pasta_model.pretrain import resolve_precision
+    from pasta_model.device import resolve_precision
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_cpu_autocast_computes_in_the_precision_auto_picks():
-    from pasta_model.pretrain import autocast, resolve_precision
+    from pasta_model.device import autocast, resolve_precision
     cpu = torch.device("cpu")
     conv = torch.nn.Conv3d(1, 2, 3)
     with autocast(cpu):
