@@ -67,8 +67,10 @@ def _check_output(config: SiteConfig, out: Path) -> Path:
     out = Path(out).expanduser().resolve()
     if config.is_inside_data(out):
         raise ShowError(f"{out}: refusing to write inside the hospital's data folders")
-    if not out.parent.is_dir():
-        raise ShowError(f"{out.parent}: folder does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)    # as every other command does for its outputs
+    except OSError as exc:
+        raise ShowError(f"{out.parent}: cannot create the output folder ({exc.strerror})") from exc
     return out
 
 

@@ -122,8 +122,8 @@ def test_bad_config_is_reported_with_its_key(tmp_path, w, capsys):
 
 
 def test_show_writes_exactly_what_the_agent_reads(site, tmp_path, capsys):
+    # into a folder that does not exist yet: show creates it (before, it printed everything, then failed)
     out_nii, out_png = tmp_path / "qa" / "liver_01.nii.gz", tmp_path / "qa" / "liver_01.png"
-    out_nii.parent.mkdir()
     assert run_cli(["client", "show", "--config", str(site["config"]), "--case", "liver_01",
                     "--nifti", str(out_nii), "--png", str(out_png)]) == 0
     text = capsys.readouterr().out
