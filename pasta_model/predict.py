@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 from monai.transforms import EnsureChannelFirst, LoadImage, ResampleToMatch
 from scipy import ndimage
@@ -21,10 +22,11 @@ from synth.atomic import atomic_path, write_atomic
 from synth.vocabulary import ATTRIBUTES, LESION_TYPE_NAMES, T_STAGES
 
 from .checkpoint import load_checkpoint
+from .dicom_series import read_series_folder
 from .evaluate import segment_volume
 from .heads import DETECT_OUTPUTS, split_report_logits
 from .network import PastaNet
-from .transforms import build_preprocess, centred_crop, plain, read_dicom_series
+from .transforms import build_preprocess, centred_crop, plain
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,15 @@ def report_text(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nifti_input(image: Path, workdir: Path) -> tuple[Path, object | None]:
-    """A NIfTI path for `image`; a DICOM folder is read with SimpleITK and written to `workdir`."""
+def nifti_input(image: Path, workdir: Path) -> tuple[Path, sitk.Image | None]:
+    """A NIfTI path for `image`, plus the DICOM image when `image` is a series folder.
+
+    A folder goes through the agent's checked reader (`dicom_series.read_series_folder`):
+    a missing slice or uneven spacing is a DicomSeriesError (a ValueError) naming the
+    folder, not a silently wrong volume. The volume is written to `workdir` as NIfTI.
+    """
     if image.is_dir():
-        import SimpleITK as sitk
-        sitk_img = read_dicom_series(image)
+        sitk_img = read_series_folder(image)
         path = workdir / "input.nii.gz"
         sitk.WriteImage(sitk_img, str(path))
         return path, sitk_img
@@ -143,7 +149,7 @@ def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, d
     model, meta = load_checkpoint(checkpoint, device=dev)
     model.eval()
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        nii, sitk_img = _nifti_input(image, Path(tmp))
+        nii, sitk_img = nifti_input(image, Path(tmp))
         pre = build_preprocess(model.preset, mask_keys=())
         d = pre({"image": str(nii)})
         img = d["image"]
@@ -171,7 +177,6 @@ def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, d
         mask_path = out_dir / "mask.nii.gz"
         with atomic_path(mask_path) as tmp_mask:
             if sitk_img is not None:
-                import SimpleITK as sitk
                 # the DICOM grid: transpose nibabel's (x, y, z) back to SimpleITK's (z, y, x) array order
                 m = sitk.GetImageFromArray(np.transpose(mask, (2, 1, 0)).copy())
                 m.CopyInformation(sitk_img)

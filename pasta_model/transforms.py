@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from monai.transforms import (
     Spacingd,
     SpatialCrop,
     Transform,
+    generate_spatial_bounding_box,
 )
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,8 @@ def mask_center(mask) -> list[int] | None:
     m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
     if not m.any():
         return None
-    idx = np.nonzero(m)
-    return [int((a.min() + a.max() + 1) // 2) for a in idx]
+    start, end = generate_spatial_bounding_box(m[None])   # end exclusive
+    return [int((a + b) // 2) for a, b in zip(start, end)]
 
 
 def largest_component_center(mask) -> list[int] | None:
@@ -172,21 +172,3 @@ def build_preprocess(preset, image_key: str = "image", mask_keys: Sequence[str] 
     ]
     return Compose(steps)
 
-
-def read_dicom_series(folder: Path):
-    """Read a DICOM series folder with SimpleITK (GDCM); returns the SimpleITK image.
-
-    The first series found in the folder is used; a folder without one is an error
-    naming it.
-    """
-    import SimpleITK as sitk
-
-    folder = Path(folder)
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
-        raise ValueError(f"{folder}: no DICOM series found")
-    if len(ids) > 1:
-        log.warning("%s holds %d DICOM series; using the first (%s)", folder, len(ids), ids[0])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
-    return reader.Execute()

@@ -1,289 +1,55 @@
-"""DICOM series: header-only scan with pydicom, slice ordering and spacing checks, pixels via SimpleITK/GDCM.
+"""The agent's view of DICOM: `pasta_model.dicom_series` with its errors as IngestError.
 
-pydicom reads headers only (parsing stops at the pixel data element, whose declared
-length is checked against the file size), so scanning a large archive is cheap and
-truncated files are caught before any pixel is decoded; pixels are decoded by GDCM
-through SimpleITK, which handles the compressed transfer syntaxes (JPEG lossless,
-JPEG 2000, RLE) and applies each slice's rescale slope and intercept.
+Header reading, series grouping, slice ordering with its checks and pixel reading
+live in `pasta_model.dicom_series`, shared with `pasta_model.predict`, so the agent and
+predict accept and refuse the same series. Here only the error type changes: the
+ingestion callers (discover, read, check) catch IngestError.
 """
 from __future__ import annotations
 
-import logging
-from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-from pydicom.uid import UID
+
+from pasta_model import dicom_series
+from pasta_model.dicom_series import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_CLASSES,
+    MEDIA_DIRECTORY,
+    DicomSeriesError,
+    FileVerdict,
+    SliceHeader,
+    group_by_series,
+    read_slice_header,
+    slice_normal,
+)
 
 from .types import IngestError
 
-log = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2.1",   # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2",   # Legacy Converted Enhanced CT Image Storage
-}
-MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"   # DICOMDIR
-
-# Tolerances of the slice checks (fractions of the median slice spacing, or mm).
-GAP_FACTOR = 1.5            # a step this much larger than the median means missing slices
-UNEVEN_FRACTION = 0.10      # any other step off the median by more than this is uneven
-DUPLICATE_MM = 1e-3         # two slices closer than this are the same position
-ORIENTATION_TOL = 1e-4
-OFF_AXIS_FRACTION = 0.05    # in-plane drift of positions (gantry tilt) per slice step
+__all__ = [
+    "CT_IMAGE_STORAGE", "ENHANCED_CT_CLASSES", "MEDIA_DIRECTORY", "FileVerdict", "SliceHeader",
+    "group_by_series", "order_slices", "read_series", "read_slice_header", "slice_normal",
+]
 
 
-@dataclass(frozen=True)
-class SliceHeader:
-    """The header fields of one CT slice that decide grouping, order and geometry."""
-
-    path: Path
-    series_uid: str
-    patient_id: str
-    rows: int
-    columns: int
-    pixel_spacing: tuple[float, float]
-    orientation: tuple[float, ...]     # ImageOrientationPatient: row then column cosines
-    position: tuple[float, float, float]
-    transfer_syntax: str
-
-
-@dataclass(frozen=True)
-class FileVerdict:
-    """A file that is not a usable CT slice: skipped, or an error for its series (if known)."""
-
-    path: Path
-    status: str                  # "skipped" | "error"
-    reason: str
-    series_uid: str | None = None
-    patient_id: str = ""
-
-
-def _sop_name(uid: str) -> str:
-    name = UID(uid).name if uid else ""
-    return name if name and name != uid else (uid or "unknown SOP class")
-
-
-def _looks_like_dicom(ds: pydicom.Dataset) -> bool:
-    return "SOPClassUID" in ds or "SeriesInstanceUID" in ds
-
-
-PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}   # Pixel, Float, Double Float Pixel Data
-
-
-@dataclass
-class _Parsed:
-    dataset: pydicom.Dataset
-    pixel_offset: int | None = None    # file offset of the pixel data element, None if absent
-    pixel_length: int | None = None    # its declared value length (0xFFFFFFFF: encapsulated)
-
-
-def _parse(path: Path, force: bool) -> _Parsed:
-    """Header-only parse that stops at the pixel data element and remembers where it is."""
-    found: dict[str, int] = {}
-
-    def at_pixels(tag, vr, length) -> bool:
-        if tag in PIXEL_DATA_TAGS:
-            found["length"] = length
-            return True
-        return False
-
-    with open(path, "rb") as handle:
-        ds = read_partial(handle, stop_when=at_pixels, force=force)
-        offset = handle.tell() if found else None
-    return _Parsed(ds, offset, found.get("length"))
-
-
-def _pixel_problem(path: Path, parsed: _Parsed) -> str | None:
-    """Why a CT slice's pixel data is unusable (absent, or shorter than declared), or None.
-
-    Encapsulated (compressed) data has no declared length; GDCM reports damage there
-    when the series is read, and the reader then names the file.
-    """
-    if parsed.pixel_offset is None:
-        return f"{path.name}: no pixel data, file truncated or damaged"
-    if parsed.pixel_length == 0xFFFFFFFF:
-        return None
-    syntax = getattr(getattr(parsed.dataset, "file_meta", None), "TransferSyntaxUID", None)
-    header = 8 if syntax is not None and syntax.is_implicit_VR else 12
-    end = parsed.pixel_offset + header + parsed.pixel_length
-    size = path.stat().st_size
-    if end > size:
-        return (f"{path.name}: truncated: pixel data needs {parsed.pixel_length} bytes, file ends "
-                f"{end - size} bytes short")
-    return None
-
-
-def read_slice_header(path: Path) -> SliceHeader | FileVerdict:
-    """Classify one file from its header: a CT slice, or why it is skipped or broken."""
+@contextmanager
+def _as_ingest_error() -> Iterator[None]:
+    """Re-raise the shared reader's DicomSeriesError as IngestError, message unchanged."""
     try:
-        try:
-            parsed = _parse(path, force=False)
-        except InvalidDicomError:
-            # Some archives drop the 128-byte preamble; accept those if real tags parse.
-            parsed = _parse(path, force=True)
-            if not _looks_like_dicom(parsed.dataset):
-                return FileVerdict(path, "skipped", "not a DICOM file")
-    except InvalidDicomError:
-        return FileVerdict(path, "skipped", "not a DICOM file")
-    except Exception as err:  # garbled header
-        return FileVerdict(path, "error", f"damaged DICOM file {path.name}: {err}",
-                           series_uid=_salvage_series_uid(path))
-    ds = parsed.dataset
-
-    meta = getattr(ds, "file_meta", None)
-    media_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
-    if media_class == MEDIA_DIRECTORY:
-        return FileVerdict(path, "skipped", "DICOMDIR (media index), not an image")
-    sop_class = str(ds.get("SOPClassUID", "") or media_class)
-    modality = str(ds.get("Modality", "") or "?")
-    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-    patient_id = str(ds.get("PatientID", "") or "")
-    if not series_uid:
-        if media_class:   # a Part-10 file whose dataset ends early
-            return FileVerdict(path, "error", f"damaged DICOM file {path.name}: header ends "
-                                              "early (truncated?)")
-        return FileVerdict(path, "skipped", "DICOM file without SeriesInstanceUID")
-
-    def verdict(status: str, reason: str) -> FileVerdict:
-        return FileVerdict(path, status, reason, series_uid, patient_id)
-
-    if modality != "CT":
-        return verdict("skipped", f"Modality {modality} ({_sop_name(sop_class)}) is not CT")
-    if sop_class in ENHANCED_CT_CLASSES:
-        return verdict("error", f"{_sop_name(sop_class)} (multi-frame) is not supported; "
-                                "export the series as classic CT Image Storage")
-    if sop_class != CT_IMAGE_STORAGE:
-        return verdict("skipped", f"{_sop_name(sop_class)} is not a CT image")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if "LOCALIZER" in image_type:
-        return verdict("skipped", "localizer (scout) image")
-    problem = _pixel_problem(path, parsed)
-    if problem:
-        return verdict("error", problem)
-    missing = [k for k in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient",
-                           "ImagePositionPatient") if ds.get(k) in (None, "")]
-    if missing:
-        return verdict("error", f"{path.name}: missing {', '.join(missing)}")
-    try:
-        return SliceHeader(
-            path=path,
-            series_uid=series_uid,
-            patient_id=patient_id,
-            rows=int(ds.Rows),
-            columns=int(ds.Columns),
-            pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
-            orientation=tuple(float(v) for v in ds.ImageOrientationPatient),
-            position=tuple(float(v) for v in ds.ImagePositionPatient),
-            transfer_syntax=str(getattr(meta, "TransferSyntaxUID", "") or ""),
-        )
-    except (ValueError, TypeError) as err:
-        return verdict("error", f"{path.name}: unreadable geometry tags: {err}")
-
-
-def _salvage_series_uid(path: Path) -> str | None:
-    """Best effort: the series UID of a damaged file, so the error lands on its series."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                             specific_tags=["SeriesInstanceUID"])
-        uid = ds.get("SeriesInstanceUID")
-        return str(uid) if uid else None
-    except Exception:
-        return None
-
-
-def group_by_series(headers: list[SliceHeader]) -> dict[str, list[SliceHeader]]:
-    groups: dict[str, list[SliceHeader]] = defaultdict(list)
-    for header in headers:
-        groups[header.series_uid].append(header)
-    return dict(groups)
-
-
-def slice_normal(orientation: tuple[float, ...]) -> np.ndarray:
-    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:6])
-    return np.cross(row, col)
+        yield
+    except DicomSeriesError as err:
+        raise IngestError(str(err)) from None
 
 
 def order_slices(slices: list[SliceHeader]) -> list[SliceHeader]:
-    """Check one series is a single regular volume and return its slices in order.
-
-    Order is by ImagePositionPatient projected on the slice normal (row x column
-    cosines), never by file name or InstanceNumber. Raises IngestError naming the
-    problem: mixed sizes or orientations, duplicates, missing or uneven slices.
-    """
-    first = slices[0]
-    for s in slices[1:]:
-        if (s.rows, s.columns) != (first.rows, first.columns):
-            raise IngestError(f"slices of different sizes ({first.rows}x{first.columns} in "
-                              f"{first.path.name}, {s.rows}x{s.columns} in {s.path.name})")
-        if not np.allclose(s.pixel_spacing, first.pixel_spacing, atol=1e-4):
-            raise IngestError(f"slices with different PixelSpacing ({first.path.name}, {s.path.name})")
-        if not np.allclose(s.orientation, first.orientation, atol=ORIENTATION_TOL):
-            raise IngestError(f"slices with different orientations ({first.path.name}, {s.path.name})")
-    if len(slices) < 2:
-        raise IngestError(f"only one slice ({first.path.name}); a case needs a volume")
-
-    normal = slice_normal(first.orientation)
-    positions = np.array([s.position for s in slices])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    along, positions = along[order], positions[order]
-    ordered = [slices[i] for i in order]
-    steps = np.diff(along)
-
-    dup = np.flatnonzero(steps < DUPLICATE_MM)
-    if dup.size:
-        i = dup[0]
-        raise IngestError(f"duplicate slice position {along[i]:.3f} mm along the normal "
-                          f"({ordered[i].path.name}, {ordered[i + 1].path.name})")
-    median = float(np.median(steps))
-    gaps = np.flatnonzero(steps > GAP_FACTOR * median)
-    if gaps.size:
-        i = gaps[0]
-        missing = int(round(steps[i] / median)) - 1
-        raise IngestError(f"missing slice(s): gap of {steps[i]:.3f} mm between {along[i]:.3f} "
-                          f"and {along[i + 1]:.3f} mm (spacing {median:.3f} mm, about "
-                          f"{missing} slice(s) missing; {len(gaps)} gap(s) in all)")
-    uneven = np.flatnonzero(np.abs(steps - median) > UNEVEN_FRACTION * median)
-    if uneven.size:
-        i = uneven[0]
-        raise IngestError(f"unevenly spaced slices: step {steps[i]:.3f} mm at {along[i]:.3f} mm "
-                          f"against median {median:.3f} mm")
-    in_plane = positions - np.outer(along, normal)
-    drift = np.linalg.norm(np.diff(in_plane, axis=0), axis=1)
-    if drift.max() > OFF_AXIS_FRACTION * median:
-        raise IngestError("slice positions do not follow the slice normal (gantry tilt or "
-                          "mixed stacks); the volume geometry would be wrong")
-    return ordered
+    """`dicom_series.order_slices`, raising IngestError naming the problem."""
+    with _as_ingest_error():
+        return dicom_series.order_slices(slices)
 
 
-def read_series(files: tuple[Path, ...]) -> sitk.Image:
-    """Read ordered slices as one Float32 HU volume (GDCM applies each slice's rescale)."""
-    reader = sitk.ImageSeriesReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileNames([str(f) for f in files])
-    reader.SetOutputPixelType(sitk.sitkFloat32)   # per-slice slopes must not be truncated
-    try:
-        return reader.Execute()
-    except RuntimeError:
-        bad = _find_unreadable(files)
-        if bad is not None:
-            path, why = bad
-            raise IngestError(f"{path}: cannot read pixel data (damaged or truncated file): "
-                              f"{why}") from None
-        raise IngestError(f"{files[0].parent}: SimpleITK could not read the series") from None
-
-
-def _find_unreadable(files: tuple[Path, ...]) -> tuple[Path, str] | None:
-    for path in files:
-        try:
-            sitk.ReadImage(str(path), sitk.sitkFloat32, imageIO="GDCMImageIO")
-        except RuntimeError as err:
-            return path, str(err).strip().splitlines()[-1][:200]
-    return None
+def read_series(files: Sequence[Path]) -> sitk.Image:
+    """`dicom_series.read_series` (ordered slices -> Float32 HU volume), raising IngestError."""
+    with _as_ingest_error():
+        return dicom_series.read_series(files)

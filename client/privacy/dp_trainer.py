@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.accountant import IAccountant
+from opacus.grad_sample import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
@@ -169,49 +171,89 @@ def train_head_dp(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn: Lo
     fixes sampling and noise for tests; leave it None in production (fresh per call).
     """
     t0 = time.perf_counter()
-    if noise_multiplier <= 0:
-        raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
-    if max_grad_norm <= 0:
-        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    _check_dp_settings(noise_multiplier, max_grad_norm)
     check_one_row_per_patient(patient_ids, inputs.shape[0])
     dev = select_device(device)
     seed = _fresh_seed() if seed is None else int(seed)
     dataset, keys = _dataset(inputs, targets)
-    n = len(dataset)
-    sched = poisson_schedule(n, batch_size)
+    sched = poisson_schedule(len(dataset), batch_size)
     module = _prepared_head(head).to(dev)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     globals_ = _global_tensors(module, global_params, dev)
+    proximal = (lambda: _proximal_step(params, globals_, lr, prox_mu)) if prox_mu and globals_ else None
     with _expected_opacus_warnings_silenced():
-        engine = PrivacyEngine(accountant=accountant.mechanism() if accountant is not None else mechanism)
-        if accountant is not None:
-            engine.accountant = accountant  # before make_private: the step hook binds to this object
-        steps_before = sum(s for _, _, s in engine.accountant.history)
-        gs_module, dp_optimizer, dp_loader = engine.make_private(
-            module=module, optimizer=torch.optim.SGD(params, lr=lr, momentum=momentum),
-            data_loader=DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                   generator=torch.Generator().manual_seed(seed)),
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
-            noise_generator=torch.Generator(device=dev).manual_seed(seed + 1), grad_sample_mode=grad_sample_mode)
+        private = _make_private(module, params, dataset, accountant=accountant, mechanism=mechanism,
+                                batch_size=batch_size, lr=lr, momentum=momentum,
+                                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, seed=seed,
+                                device=dev, grad_sample_mode=grad_sample_mode)
         t_loop = time.perf_counter()
         try:
-            proximal = (lambda: _proximal_step(params, globals_, lr, prox_mu)) if prox_mu and globals_ else None
-            loss_sum, seen = _dp_epochs(gs_module, dp_optimizer, dp_loader, loss_fn, keys, dev, epochs,
-                                        max_physical_batch_size, proximal)
+            loss_sum, seen = _dp_epochs(private.module, private.optimizer, private.loader, loss_fn, keys, dev,
+                                        epochs, max_physical_batch_size, proximal)
         finally:
-            gs_module.to_standard_module()  # removes Opacus' hooks from the head
+            private.module.to_standard_module()  # removes Opacus' hooks from the head
             _clear_per_sample_state(params)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    train_seconds = time.perf_counter() - t_loop
-    acc = engine.accountant
-    steps = sum(s for _, _, s in acc.history) - steps_before
+    train_seconds = _seconds_since(t_loop, dev)
+    acc = private.engine.accountant
     eps = float(acc.get_epsilon(delta=delta)) if delta is not None else None
-    return DPTrainResult(loss=loss_sum / max(seen, 1), steps=steps, sample_rate=sched.sample_rate,
-                         noise_multiplier=float(noise_multiplier), epsilon=eps, delta=delta, num_examples=n,
-                         epochs=epochs, seconds=time.perf_counter() - t0, device=str(dev),
-                         train_seconds=train_seconds, head=module, accountant=acc)
+    return DPTrainResult(loss=loss_sum / max(seen, 1), steps=_accounted_steps(acc) - private.steps_before,
+                         sample_rate=sched.sample_rate, noise_multiplier=float(noise_multiplier), epsilon=eps,
+                         delta=delta, num_examples=len(dataset), epochs=epochs,
+                         seconds=time.perf_counter() - t0, device=str(dev), train_seconds=train_seconds,
+                         head=module, accountant=acc)
+
+
+def _check_dp_settings(noise_multiplier: float, max_grad_norm: float) -> None:
+    """DP-SGD without noise or without a clipping bound gives no guarantee: refuse both."""
+    if noise_multiplier <= 0:
+        raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+
+
+@dataclass
+class _PrivateTraining:
+    """What Opacus' make_private hands back, plus the accountant's step count before this call."""
+
+    engine: PrivacyEngine
+    module: AbstractGradSampleModule
+    optimizer: DPOptimizer
+    loader: DataLoader
+    steps_before: int
+
+
+def _accounted_steps(accountant: IAccountant) -> int:
+    return sum(steps for _, _, steps in accountant.history)
+
+
+def _make_private(module: nn.Module, params: Sequence[nn.Parameter], dataset: TensorDataset, *,
+                  accountant: IAccountant | None, mechanism: str, batch_size: int, lr: float, momentum: float,
+                  noise_multiplier: float, max_grad_norm: float, seed: int, device: torch.device,
+                  grad_sample_mode: str) -> _PrivateTraining:
+    """PrivacyEngine.make_private with Poisson sampling and seeded batches and noise.
+
+    A given `accountant` is installed before make_private, because Opacus binds its
+    step hook to the engine's accountant object then: this round's steps land in it.
+    """
+    engine = PrivacyEngine(accountant=accountant.mechanism() if accountant is not None else mechanism)
+    if accountant is not None:
+        engine.accountant = accountant
+    steps_before = _accounted_steps(engine.accountant)
+    gs_module, dp_optimizer, dp_loader = engine.make_private(
+        module=module, optimizer=torch.optim.SGD(params, lr=lr, momentum=momentum),
+        data_loader=DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                               generator=torch.Generator().manual_seed(seed)),
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+        noise_generator=torch.Generator(device=device).manual_seed(seed + 1), grad_sample_mode=grad_sample_mode)
+    return _PrivateTraining(engine, gs_module, dp_optimizer, dp_loader, steps_before)
+
+
+def _seconds_since(start: float, device: torch.device) -> float:
+    """Wall seconds since `start`, after the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -298,9 +340,7 @@ def train_head_plain(head: nn.Module, inputs: Tensor, targets: Targets, loss_fn:
             loss_sum += float(loss.detach()) * x.shape[0]
             seen += x.shape[0]
             steps += 1
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    train_seconds = time.perf_counter() - t_loop
+    train_seconds = _seconds_since(t_loop, dev)
     return DPTrainResult(loss=loss_sum / max(seen, 1), steps=steps, sample_rate=min(1.0, batch_size / n),
                          noise_multiplier=0.0, epsilon=None, delta=None, num_examples=n, epochs=epochs,
                          seconds=time.perf_counter() - t0, device=str(dev), train_seconds=train_seconds,

@@ -9,6 +9,8 @@ import SimpleITK as sitk
 from client.check import check_site
 from client.ingest import IngestError, discover_cases, labels_for, read_case, read_labels, scan_site
 from client.site_config import load_site_config
+from pasta_model.dicom_series import DicomSeriesError
+from pasta_model.predict import nifti_input
 
 JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 
@@ -136,6 +138,42 @@ def test_missing_slice_is_an_error_naming_the_gap(tmp_path, w, rng):
     (rejected,) = scan.rejected
     assert rejected.status == "error" and "missing slice" in rejected.reason
     assert "5.000 mm" in rejected.reason                      # gap of two 2.5 mm steps
+
+
+def test_predict_reader_refuses_a_missing_slice_naming_the_folder_and_the_gap(tmp_path, w, rng):
+    folder = tmp_path / "images" / "series"
+    series = w.pydicom_series(folder, w.ramp(), rng=rng)
+    series.files[4].unlink()                                  # a slice from the middle
+    with pytest.raises(DicomSeriesError) as err:
+        nifti_input(folder, tmp_path)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError)                  # predict's CLI reports it, exit 2
+    assert message.startswith(f"{folder}: ") and "missing slice" in message
+    assert "gap of 5.000 mm" in message                       # two 2.5 mm steps
+    assert not (tmp_path / "input.nii.gz").exists()
+
+
+def test_agent_and_predict_read_a_series_to_the_same_hu_and_geometry(tmp_path, w, rng):
+    folder = tmp_path / "images" / "series"
+    stored = w.ramp()
+    row, col = w.rotation_z(30)
+    series = w.pydicom_series(folder, stored, slope=np.linspace(0.5, 2.0, stored.shape[0]),
+                              intercept=np.linspace(-1024, -1000, stored.shape[0]), row=row, col=col,
+                              spacing=(0.7, 0.8, -2.5), rng=rng)
+    agent = read_case(discover_cases(_site(tmp_path, w))[0]).image
+    work = tmp_path / "work"
+    work.mkdir()
+    nii, predicted = nifti_input(folder, work)
+    assert predicted.GetPixelID() == agent.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(agent))
+    for get in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+        assert getattr(predicted, get)() == getattr(agent, get)(), get
+    np.testing.assert_allclose(sitk.GetArrayFromImage(agent), series.hu[::-1], atol=1e-3)
+    written = sitk.ReadImage(str(nii))                        # what predict's model pipeline loads
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(agent))
+    np.testing.assert_allclose(written.GetOrigin(), agent.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(written.GetSpacing(), agent.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(written.GetDirection(), agent.GetDirection(), atol=1e-5)
 
 
 def test_duplicate_slice_is_an_error(tmp_path, w, rng):

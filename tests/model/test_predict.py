@@ -96,6 +96,21 @@ def test_predict_on_a_dicom_series_folder_keeps_its_geometry(setup, tmp_path):
     assert json.loads((out / "report.json").read_text())["input"] == str(tmp_path / "series")
 
 
+def test_predict_refuses_a_dicom_folder_with_a_missing_slice_naming_folder_and_gap(setup, tmp_path, capsys):
+    """predict reads DICOM with the agent's checks: a gap is an error (exit 2), not a silently short volume."""
+    _, ckpt, records = setup
+    ct = sitk.Cast(sitk.ReadImage(str(records[1].img)), sitk.sitkInt16)
+    folder = tmp_path / "series"
+    _write_dicom_series(ct, folder)
+    (folder / f"{ct.GetDepth() // 2:04d}.dcm").unlink()
+    out = tmp_path / "pred"
+    assert cli_main(["predict", "--checkpoint", str(ckpt), "--image", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    step = ct.GetSpacing()[2]
+    assert str(folder) in err and "missing slice" in err and f"gap of {2 * step:.3f} mm" in err
+    assert not (out / "mask.nii.gz").exists()
+
+
 def test_predict_names_a_missing_input(setup, tmp_path, capsys):
     _, ckpt, _ = setup
     assert cli_main(["predict", "--checkpoint", str(ckpt), "--image", str(tmp_path / "nope.nii.gz"),

@@ -10,6 +10,7 @@ from pasta_model.transforms import (
     PastaHUMapd,
     build_preprocess,
     centred_crop,
+    mask_center,
     negative_centers,
     pasta_hu_map,
 )
@@ -68,3 +69,12 @@ def test_preprocess_resamples_to_preset_spacing_in_ras(tmp_path):
     np.testing.assert_allclose(np.diag(np.asarray(img.affine))[:3], [2.0, 2.0, 2.0])
     assert float(img.min()) >= 0.0 and float(img.max()) == pytest.approx(0.9, abs=1e-5)
     assert set(np.unique(label.numpy()).tolist()) == {0, 2}            # nearest: no blended labels
+
+
+def test_mask_centre_is_the_middle_of_the_bounding_box_and_none_when_empty():
+    m = np.zeros((10, 12, 9), bool)
+    assert mask_center(m) is None
+    m[2, 3, 0] = m[6, 10, 0] = m[4, 4, 4] = True              # box [2..6] x [3..10] x [0..4]
+    assert mask_center(m) == [4, 7, 2]                         # (lo + hi + 1) // 2 on each axis
+    assert mask_center(torch.from_numpy(m)) == [4, 7, 2]
+    assert all(type(v) is int for v in mask_center(m))
