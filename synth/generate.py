@@ -12,7 +12,7 @@ import numpy as np
 from synth.geometry import Grid
 from synth.lesions import Lesion, host_mask, insert_lesions
 from synth.measure import measure_lesion
-from synth.phantom import Z_BOTTOM, Z_TOP, rasterize, render, sample_anatomy
+from synth.phantom import Z_BOTTOM, Z_TOP, Anatomy, rasterize, render, sample_anatomy
 from synth.report import locate, report_text, survival, t_stage
 from synth.scanner import ScannerProfile, apply_scanner, sample_scanner
 from synth.totalseg import TOTALSEG_HOSTS, TOTALSEG_V2
@@ -77,19 +77,19 @@ def _streams(seed: int, index: int) -> dict[str, np.random.Generator]:
     return {n: np.random.default_rng(s) for n, s in zip(names, seqs)}
 
 
-def _choose_grid(an, organ: str, cfg: GenConfig, rng: np.random.Generator) -> Grid:
+def _choose_grid(anatomy: Anatomy, organ: str, cfg: GenConfig, rng: np.random.Generator) -> Grid:
     sp = cfg.spacing_mm
     ext = np.array(cfg.size) * np.array(sp)
-    anchor = an.organ_anchor(organ, rng)
+    anchor = anatomy.organ_anchor(organ, rng)
     center = anchor + rng.uniform(-0.15, 0.15, 3) * ext * np.array([1.0, 0.3, 1.0])
-    body_half = np.array([175.0 * an["sw"], 115.0 * an["sd"]])
+    body_half = np.array([175.0 * anatomy.width_scale, 115.0 * anatomy.depth_scale])
     for a in range(2):
         if ext[a] >= 2 * body_half[a]:
             center[a] = rng.uniform(-5, 5)
         else:
             lim = body_half[a] - ext[a] / 2
             center[a] = np.clip(center[a], -lim, lim)
-    ztop, zbot = Z_TOP * an["sz"], Z_BOTTOM * an["sz"]
+    ztop, zbot = Z_TOP * anatomy.height_scale, Z_BOTTOM * anatomy.height_scale
     if ext[2] >= ztop - zbot:
         center[2] = 0.5 * (ztop + zbot)
     else:

@@ -14,7 +14,7 @@ the scanner's level, so it does not look smoother than its surroundings).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -31,6 +31,8 @@ SOFT_TISSUE_HU = (-250.0, 300.0)  # where an invading lesion may grow
 
 @dataclass(frozen=True)
 class TypeModel:
+    """How one lesion type grows: where, how many, how big, its shape, density and margin."""
+
     name: str
     placement: str                       # parenchyma | wall | lumen | sinus | bone
     count: tuple[int, int]
@@ -39,9 +41,9 @@ class TypeModel:
     # density: phase -> {class: prob}; class deltas from DELTA unless `hu` is given
     density: dict[str, dict[str, float]] = field(default_factory=dict)
     hu: tuple[float, float] | None = None        # absolute HU range (cysts, stones)
-    hu_alt: tuple[float, float, float] | None = None  # (prob, lo, hi) second absolute mode
-    hetero_p: float = 0.0
-    ill_p: float = 0.0
+    hu_second_mode: tuple[float, float, float] | None = None  # (prob, lo, hi) second absolute mode
+    heterogeneous_p: float = 0.0
+    ill_defined_p: float = 0.0
     invasion_p: float = 0.0
     thickness_mm: tuple[float, float] = (8.0, 18.0)  # wall lesions
 
@@ -71,32 +73,32 @@ _WALL_ENH = {"plain": {"isodense": 0.6, "hypodense": 0.4},
 TYPE_MODELS: dict[str, TypeModel] = {m.name: m for m in (
     TypeModel("lung_tumor", "parenchyma", (1, 2), (8, 60),
               {"irregular": 0.55, "round_like": 0.35, "punctate_nodular": 0.10},
-              hu=(25, 55), hetero_p=0.35, ill_p=0.55, invasion_p=0.25),
+              hu=(25, 55), heterogeneous_p=0.35, ill_defined_p=0.55, invasion_p=0.25),
     TypeModel("liver_cancer", "parenchyma", (1, 3), (15, 80), _MASS,
               density={"plain": {"hypodense": 0.8, "isodense": 0.2},
                        "arterial": {"hyperdense": 0.75, "isodense": 0.05, "hypodense": 0.2},
                        "portal_venous": {"hypodense": 0.9, "isodense": 0.1}},
-              hetero_p=0.55, ill_p=0.5, invasion_p=0.2),
+              heterogeneous_p=0.55, ill_defined_p=0.5, invasion_p=0.2),
     TypeModel("gallbladder_cancer", "wall", (1, 1), (20, 45), _WALL, density=_WALL_ENH,
-              hetero_p=0.3, ill_p=0.6, invasion_p=0.35, thickness_mm=(5, 10)),
+              heterogeneous_p=0.3, ill_defined_p=0.6, invasion_p=0.35, thickness_mm=(5, 10)),
     TypeModel("pancreas_tumor", "parenchyma", (1, 1), (15, 40), {"irregular": 0.7, "round_like": 0.3},
-              density=_TUMOR_HYPO_PV, hetero_p=0.3, ill_p=0.7, invasion_p=0.35),
+              density=_TUMOR_HYPO_PV, heterogeneous_p=0.3, ill_defined_p=0.7, invasion_p=0.35),
     TypeModel("esophageal_cancer", "wall", (1, 1), (30, 70), {"wall_thickening": 0.9, "irregular": 0.1},
               density=_WALL_ENH,
-              hetero_p=0.3, ill_p=0.5, invasion_p=0.35, thickness_mm=(8, 16)),
+              heterogeneous_p=0.3, ill_defined_p=0.5, invasion_p=0.35, thickness_mm=(8, 16)),
     TypeModel("gastric_cancer", "wall", (1, 1), (25, 70), _WALL, density=_WALL_ENH,
-              hetero_p=0.35, ill_p=0.5, invasion_p=0.3, thickness_mm=(9, 22)),
+              heterogeneous_p=0.35, ill_defined_p=0.5, invasion_p=0.3, thickness_mm=(9, 22)),
     TypeModel("colon_cancer", "wall", (1, 1), (25, 60), _WALL, density=_WALL_ENH,
-              hetero_p=0.35, ill_p=0.5, invasion_p=0.3, thickness_mm=(8, 18)),
+              heterogeneous_p=0.35, ill_defined_p=0.5, invasion_p=0.3, thickness_mm=(8, 18)),
     TypeModel("kidney_tumor", "parenchyma", (1, 1), (15, 60), _MASS,
               density={"plain": {"isodense": 0.5, "hypodense": 0.3, "hyperdense": 0.2},
                        "arterial": {"hyperdense": 0.3, "hypodense": 0.65, "isodense": 0.05},
                        "portal_venous": {"hypodense": 0.9, "isodense": 0.1}},
-              hetero_p=0.6, ill_p=0.4, invasion_p=0.25),
+              heterogeneous_p=0.6, ill_defined_p=0.4, invasion_p=0.25),
     TypeModel("bladder_cancer", "wall", (1, 1), (15, 45), {"wall_thickening": 0.6, "irregular": 0.4},
-              density=_WALL_ENH, hetero_p=0.25, ill_p=0.5, invasion_p=0.3, thickness_mm=(7, 18)),
+              density=_WALL_ENH, heterogeneous_p=0.25, ill_defined_p=0.5, invasion_p=0.3, thickness_mm=(7, 18)),
     TypeModel("bone_metastasis", "bone", (1, 3), (8, 35), {"irregular": 0.5, "round_like": 0.5},
-              hu=(25, 75), hu_alt=(0.4, 600, 1100), hetero_p=0.35, ill_p=0.6, invasion_p=0.2),
+              hu=(25, 75), hu_second_mode=(0.4, 600, 1100), heterogeneous_p=0.35, ill_defined_p=0.6, invasion_p=0.2),
     TypeModel("liver_cyst", "parenchyma", (1, 4), (10, 60), _ROUND, hu=(0, 15)),
     TypeModel("gallstone", "lumen", (1, 5), (4, 18), {"punctate_nodular": 0.7, "round_like": 0.3},
               hu=(250, 1000)),
@@ -106,10 +108,35 @@ TYPE_MODELS: dict[str, TypeModel] = {m.name: m for m in (
 )}
 
 
+Box = tuple[slice, ...]  # one slice per axis (3)
+
+
+@dataclass
+class LesionIntent:
+    """What the generator means to draw. The report is measured from the image afterwards;
+    these intentions go to type.json's "generator" block only (`as_report`)."""
+
+    shape: str
+    diameter_mm: float
+    heterogeneity: str
+    surface: str
+    invasion: str
+    hu: float | None = None            # absolute HU (cysts, stones, lung, bone) ...
+    density: str | None = None         # ... or a density class relative to the organ,
+    delta_hu: float | None = None      # its HU difference,
+    thickness_mm: float | None = None  # (wall lesions)
+    reference_hu: float | None = None  # and the organ HU it was added to (set at placement)
+
+    def as_report(self) -> dict[str, str | float]:
+        """The fields that are set, in field order, floats to 0.01."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out.items()}
+
+
 @dataclass
 class Lesion:
     """One inserted lesion: its voxels (a global index box and a local mask) and intent."""
-    sl: tuple[slice, slice, slice]
+    sl: Box
     mask: np.ndarray
     intended: dict
 
@@ -121,9 +148,10 @@ def _choice(rng: np.random.Generator, probs: dict[str, float]) -> str:
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
-    q = rng.standard_normal(4)
-    q /= np.linalg.norm(q)
-    w, x, y, z = q
+    """A uniformly random 3-D rotation matrix, from a random unit quaternion."""
+    quaternion = rng.standard_normal(4)
+    quaternion /= np.linalg.norm(quaternion)
+    w, x, y, z = quaternion
     return np.array([
         [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
@@ -131,7 +159,13 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     ], np.float32)
 
 
-def _crop(center, half_vox, shape) -> tuple[slice, slice, slice]:
+def _rotate(rotation: np.ndarray, offsets: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    """The offsets (mm, broadcastable per axis) in the lesion's rotated frame."""
+    dx, dy, dz = offsets
+    return [rotation[i, 0] * dx + rotation[i, 1] * dy + rotation[i, 2] * dz for i in range(3)]
+
+
+def _crop(center, half_vox, shape) -> Box:
     return tuple(slice(max(int(c) - int(h), 0), min(int(c) + int(h) + 1, n))
                  for c, h, n in zip(center, half_vox, shape))
 
@@ -211,6 +245,9 @@ def _no_invade_ids(label_names: dict[int, str] | None) -> tuple[int, ...]:
 
 
 class _Context:
+    """One volume's insertion state: the image being written, the host organ, the lesions
+    placed so far, and whether placement has been relaxed for a small organ."""
+
     def __init__(self, image, labels, host_ids, spacing, organ, rng, noise_sd, label_names=None, host=None):
         self.image = image
         self.labels = labels
@@ -222,11 +259,15 @@ class _Context:
         self.no_invade = tuple(v for v in _no_invade_ids(label_names) if v not in set(host_ids))
         self.taken = np.zeros(labels.shape, bool)  # lesions placed so far, dilated by a voxel
         self.relaxed = False  # set when strict placement failed: smaller lesions, thinner margins
-        self._cand: dict[str, np.ndarray] = {}
-        self._box = None
+        self._candidates: dict[tuple[str, bool], np.ndarray] = {}
+        self.host_box: Box | None = None  # bounding box of the host organ; None: no host voxels
         if self.host.any():
             proj = [np.nonzero(self.host.any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)]
-            self._box = tuple(slice(int(p[0]), int(p[-1]) + 1) for p in proj)
+            self.host_box = tuple(slice(int(p[0]), int(p[-1]) + 1) for p in proj)
+
+    @property
+    def min_spacing(self) -> float:
+        return min(self.spacing)
 
     def band(self) -> float:
         """The wall band of a hollow organ (mm); 0 once placement is relaxed."""
@@ -238,31 +279,32 @@ class _Context:
         """Voxel indices where a lesion centre may go: all of the host, its outer surface,
         or its deep part (lumen of a hollow organ, renal sinus)."""
         key = (kind, self.relaxed)
-        if key in self._cand:
-            return self._cand[key]
-        if self._box is None:
-            out = np.zeros((0, 3), int)
-        else:
-            box = self._box
-            h = np.pad(self.host[box], 1)
-            off = np.array([s.start for s in box]) - 1
-            if kind == "surface":
-                out = np.argwhere(h & ~ndi.binary_erosion(h)) + off
-            elif kind in ("lumen", "sinus"):
-                depth = _depth(h, self.spacing)
-                if kind == "lumen":
-                    deep = depth >= self.band() + 0.9 * min(self.spacing)
-                    idx = np.argwhere(deep)
-                    if len(idx):  # stones sink: keep the dependent (posterior) half
-                        idx = idx[idx[:, 1] >= np.median(idx[:, 1])]
-                else:
-                    idx = np.argwhere(depth >= (0.3 if self.relaxed else 0.55) * float(depth.max()))
-                out = idx + off
-            else:
-                out = np.argwhere(h) + off
-        self._cand[key] = out
-        return out
+        if key not in self._candidates:
+            self._candidates[key] = self._find_candidates(kind)
+        return self._candidates[key]
 
+    def _find_candidates(self, kind: str) -> np.ndarray:
+        if self.host_box is None:
+            return np.zeros((0, 3), int)
+        box = self.host_box
+        host = np.pad(self.host[box], 1)
+        offset = np.array([s.start for s in box]) - 1
+        if kind == "surface":
+            return np.argwhere(host & ~ndi.binary_erosion(host)) + offset
+        if kind not in ("lumen", "sinus"):
+            return np.argwhere(host) + offset
+        depth = _depth(host, self.spacing)
+        if kind == "lumen":
+            deep = depth >= self.band() + 0.9 * min(self.spacing)
+            idx = np.argwhere(deep)
+            if len(idx):  # stones sink: keep the dependent (posterior) half
+                idx = idx[idx[:, 1] >= np.median(idx[:, 1])]
+        else:
+            idx = np.argwhere(depth >= (0.3 if self.relaxed else 0.55) * float(depth.max()))
+        return idx + offset
+
+
+# ---- intentions ---------------------------------------------------------------------------
 
 def insert_lesions(image: np.ndarray, labels: np.ndarray, host_ids, lesion_type: str, phase: str,
                    rng: np.random.Generator, spacing, noise_sd: float | None = None,
@@ -277,247 +319,394 @@ def insert_lesions(image: np.ndarray, labels: np.ndarray, host_ids, lesion_type:
     """
     model = TYPE_MODELS[lesion_type]
     ctx = _Context(image, labels, host_ids, spacing, model.organ, rng, noise_sd, label_names, host)
-    if ctx._box is None:
+    if ctx.host_box is None:
         raise RuntimeError(f"no {model.organ} voxels to host a {lesion_type}")
     n = count or int(rng.integers(model.count[0], model.count[1] + 1))
     lesions: list[Lesion] = []
     for k in range(n):
-        intent = _intent(model, phase, rng, k)
-        for attempt in range(96):
-            if attempt == 48 and not lesions:
-                ctx.relaxed = True   # the organ is small at this spacing: relax, rather than fail
-            les = _place(ctx, model, dict(intent))
-            if les is not None:
-                lesions.append(les)
-                break
-            if attempt % 8 == 7:
-                intent["diameter_mm"] *= 0.85
-        else:
+        lesion = _place_with_retries(ctx, model, _draw_intent(model, phase, rng, k), first=not lesions)
+        if lesion is None:
             if lesions:
                 break   # satellites are optional
+            continue
+        lesions.append(lesion)
     if not lesions:
         raise RuntimeError(f"could not place a {lesion_type} in this volume")
     return sorted(lesions, key=lambda les: -int(les.mask.sum()))  # the largest (primary) first
 
 
-def _intent(model: TypeModel, phase: str, rng: np.random.Generator, k: int) -> dict:
+def _place_with_retries(ctx: _Context, model: TypeModel, intent: LesionIntent, first: bool) -> Lesion | None:
+    """Up to 96 tries, shrinking the lesion every 8; halfway, relax placement if no lesion
+    is placed yet (the organ is small at this spacing: relax, rather than fail)."""
+    for attempt in range(96):
+        if attempt == 48 and first:
+            ctx.relaxed = True
+        lesion = _place(ctx, model, replace(intent))
+        if lesion is not None:
+            return lesion
+        if attempt % 8 == 7:
+            intent.diameter_mm *= 0.85
+    return None
+
+
+def _draw_intent(model: TypeModel, phase: str, rng: np.random.Generator, k: int) -> LesionIntent:
+    """The k-th lesion's intentions (k > 0: a smaller satellite), drawn from its type's model."""
     lo, hi = model.diameter_mm
-    d = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    diameter = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     if k > 0:  # satellites are smaller
-        d = max(lo, d * 0.7)
+        diameter = max(lo, diameter * 0.7)
     shape = _choice(rng, model.shape)
     if shape == "punctate_nodular":
-        d = min(d, float(rng.uniform(4, 9)))
-    intent = {"shape": shape, "diameter_mm": d,
-              "heterogeneity": "heterogeneous" if rng.random() < model.hetero_p else "homogeneous",
-              "surface": "ill_defined" if rng.random() < model.ill_p else "well_defined",
-              "invasion": "yes" if rng.random() < model.invasion_p else "no"}
+        diameter = min(diameter, float(rng.uniform(4, 9)))
+    intent = LesionIntent(shape=shape, diameter_mm=diameter,
+                          heterogeneity="heterogeneous" if rng.random() < model.heterogeneous_p else "homogeneous",
+                          surface="ill_defined" if rng.random() < model.ill_defined_p else "well_defined",
+                          invasion="yes" if rng.random() < model.invasion_p else "no")
     if shape == "punctate_nodular":
-        intent["invasion"] = "no"
+        intent.invasion = "no"
     if model.hu is not None:
-        lo_h, hi_h = model.hu
-        if model.hu_alt is not None and rng.random() < model.hu_alt[0]:
-            lo_h, hi_h = model.hu_alt[1:]
-        intent["hu"] = float(rng.uniform(lo_h, hi_h))
-        if model.name.startswith("lung"):
-            intent["hu"] += {"plain": 0.0, "arterial": 25.0, "portal_venous": 35.0}[phase]
+        intent.hu = _draw_absolute_hu(model, phase, rng)
     else:
-        cls = _choice(rng, model.density[phase])
-        intent["density"] = cls
-        intent["delta_hu"] = float(rng.uniform(*DELTA[cls]))
-        if cls == "isodense":  # no contrast, no visible edge
-            intent["surface"] = "ill_defined"
+        intent.density = _choice(rng, model.density[phase])
+        intent.delta_hu = float(rng.uniform(*DELTA[intent.density]))
+        if intent.density == "isodense":  # no contrast, no visible edge
+            intent.surface = "ill_defined"
     if model.placement == "wall":
-        intent["thickness_mm"] = float(rng.uniform(*model.thickness_mm))
+        intent.thickness_mm = float(rng.uniform(*model.thickness_mm))
     return intent
 
 
-def _place(ctx: _Context, model: TypeModel, intent: dict) -> Lesion | None:
-    rng, sp = ctx.rng, ctx.spacing
-    shape3 = ctx.image.shape
-    smin = min(sp)
-    r = 0.5 * intent["diameter_mm"]
-    wall = model.placement == "wall" and intent["shape"] == "wall_thickening"
-    polyp = model.placement == "wall" and not wall   # a mass growing from the wall
-    ext = intent["invasion"] == "yes"
-    kind = {"parenchyma": "all", "bone": "all", "lumen": "lumen", "sinus": "sinus"}.get(
-        model.placement, "surface" if wall else "all")
-    cand = ctx.candidates(kind)
-    if len(cand) == 0:
-        return None
-    if wall:
-        r = max(r, 1.3 * intent["thickness_mm"])
-    half = _box_half(r, sp)
-    tries = 4 if model.placement == "bone" else 1  # metastases favour thick bone
-    best = None
-    for _ in range(tries):
-        c = cand[int(rng.integers(len(cand)))]
-        if any(ci < 2 or ci > n - 3 for ci, n in zip(c, shape3)):
-            continue
-        sl = _crop(c, half, shape3)
-        host = ctx.host[sl]
-        depth = _depth(host, sp)
-        cl = tuple(int(ci - s.start) for ci, s in zip(c, sl))
-        if best is None or depth[cl] > best[4][best[3]]:
-            best = (c, sl, host, cl, depth)
-    if best is None:
-        return None
-    c, sl, host, cl, depth = best
-    dc = float(depth[cl])
-    img = ctx.image[sl]
-    dx, dy, dz = _offsets(sl, c, sp)
-    r_min = 1.05 * smin if ctx.relaxed else max(0.3 * model.diameter_mm[0], 1.5 * smin)
+def _draw_absolute_hu(model: TypeModel, phase: str, rng: np.random.Generator) -> float:
+    """HU of a type with absolute density (cysts, stones, lung, bone); lung tumours enhance."""
+    assert model.hu is not None
+    lo, hi = model.hu
+    if model.hu_second_mode is not None and rng.random() < model.hu_second_mode[0]:
+        lo, hi = model.hu_second_mode[1:]
+    hu = float(rng.uniform(lo, hi))
+    if model.name.startswith("lung"):
+        hu += {"plain": 0.0, "arterial": 25.0, "portal_venous": 35.0}[phase]
+    return hu
 
-    # -- how big it can be here --------------------------------------------------------
-    if model.placement == "bone":
-        r = min(r, max(1.6 * dc, 1.5 * smin))
-    elif model.placement == "parenchyma" and not ext:
-        if dc < 0.8 * r:
-            r = dc / 0.8
-            if r < r_min:
-                return None
-    elif model.placement == "parenchyma" and ext:
-        if dc > 0.75 * r:
-            r = dc / 0.75
-        if dc < 0.15 * r:
-            return None
-    elif polyp:
-        r = min(r, 0.8 * float(depth.max()))
-        if dc > 0.9 * r or r < r_min:
-            return None
-    elif model.placement == "lumen":
-        r = min(r, dc - ctx.band() + 0.5 * smin)
-        if r < 0.8 * smin:
-            return None
-    elif model.placement == "sinus":
-        r = min(r, max(dc - smin, 0.8 * smin))
-    r = max(r, 1.05 * smin)  # at least the voxel and its six neighbours
-    intent["diameter_mm"] = 2 * r
-    need = _box_half(r, sp)
+
+# ---- placement: one attempt, in steps -----------------------------------------------------
+
+@dataclass(frozen=True)
+class _Growth:
+    """How a lesion grows, from its type's placement and its intended shape."""
+
+    placement: str
+    thickening: bool   # a wall thickening: follows the wall of a hollow organ
+    polyp: bool        # a mass growing from the wall
+    invading: bool
+
+    @staticmethod
+    def of(model: TypeModel, intent: LesionIntent) -> _Growth:
+        thickening = model.placement == "wall" and intent.shape == "wall_thickening"
+        return _Growth(model.placement, thickening, model.placement == "wall" and not thickening,
+                       intent.invasion == "yes")
+
+    @property
+    def candidate_kind(self) -> str:
+        """Where its centre may go (`_Context.candidates`): thickenings on the surface."""
+        return {"parenchyma": "all", "bone": "all", "lumen": "lumen", "sinus": "sinus"}.get(
+            self.placement, "surface" if self.thickening else "all")
+
+
+@dataclass
+class _Site:
+    """A lesion centre and the box it is drawn in, with the host organ's crop there."""
+
+    centre: np.ndarray                  # voxel index in the volume
+    box: Box
+    host: np.ndarray                    # host mask in the box
+    depth: np.ndarray                   # mm from each host voxel to the organ's surface (in the box)
+    local_centre: tuple[int, ...]       # the centre's index in the box
+
+    @staticmethod
+    def at(ctx: _Context, centre: np.ndarray, half: list[int]) -> _Site:
+        box = _crop(centre, half, ctx.image.shape)
+        host = ctx.host[box]
+        return _Site(centre, box, host, _depth(host, ctx.spacing),
+                     tuple(int(ci - s.start) for ci, s in zip(centre, box)))
+
+    @property
+    def centre_depth(self):
+        return self.depth[self.local_centre]
+
+
+@dataclass
+class _ShapeField:
+    """The lesion's shape as a signed distance-like field (mm, < 0 inside)."""
+
+    signed_mm: np.ndarray
+    ellipsoid_mm: np.ndarray | None = None  # a thickening's ellipsoid alone: it bounds the invasion
+
+
+def _place(ctx: _Context, model: TypeModel, intent: LesionIntent) -> Lesion | None:
+    """One attempt to place a lesion as `intent` says (its diameter becomes the fitted one,
+    and its reference HU is set). None: it does not fit here; the caller tries again."""
+    growth = _Growth.of(model, intent)
+    candidates = ctx.candidates(growth.candidate_kind)
+    if len(candidates) == 0:
+        return None
+    radius = 0.5 * intent.diameter_mm
+    if growth.thickening:
+        assert intent.thickness_mm is not None  # drawn for every wall lesion
+        radius = max(radius, 1.3 * intent.thickness_mm)
+    half = _box_half(radius, ctx.spacing)
+    site = _pick_site(ctx, model, candidates, half)
+    if site is None:
+        return None
+    fitted = _fit_radius(ctx, model, growth, radius, site)
+    if fitted is None:
+        return None
+    radius = fitted
+    intent.diameter_mm = 2 * radius
+    need = _box_half(radius, ctx.spacing)
     if any(n > h for n, h in zip(need, half)):
         # an invading lesion deep in its organ grew past the box planned for its drawn
         # size: drawn in that box, a 63 mm lung tumour came out as a cube
-        sl = _crop(c, need, shape3)
-        host = ctx.host[sl]
-        depth = _depth(host, sp)
-        cl = tuple(int(ci - s.start) for ci, s in zip(c, sl))
-        img = ctx.image[sl]
-        dx, dy, dz = _offsets(sl, c, sp)
-
-    # -- the shape: a signed distance-like field d (mm, < 0 inside) ---------------------
-    if wall:
-        rp = r * float(rng.uniform(0.9, 1.2))
-        R = _rotation(rng)
-        stretch = np.array([1.0, 1.0, 1.0], np.float32)
-        if ctx.organ == "esophagus":
-            stretch = np.array([0.6, 0.6, 1.6], np.float32)
-        q = [R[i, 0] * dx + R[i, 1] * dy + R[i, 2] * dz for i in range(3)]
-        rho = np.sqrt((q[0] / (rp * stretch[0])) ** 2 + (q[1] / (rp * stretch[1])) ** 2
-                      + (q[2] / (rp * stretch[2])) ** 2)
-        f = smooth_field(rng, rho.shape, max(1.0, 0.3 * rp / smin))
-        rho = rho * (1.0 + 0.15 * f)
-        thick = intent["thickness_mm"] * (1.0 + 0.2 * smooth_field(rng, rho.shape, max(1.0, 0.4 * rp / smin)))
-        d = np.maximum(depth - thick, (rho - 1.0) * rp)
-        d = np.where(host, d, np.maximum(d, 0.0) + smin)  # outside the organ: not lesion (yet)
-        if intent["shape"] == "irregular":
-            d = d + 2.0 * smin * np.clip(smooth_field(rng, rho.shape, 1.5), 0, None)
-    else:
-        radii = r * np.array([1.0, rng.uniform(0.8, 1.0), rng.uniform(0.75, 1.0)], np.float32)
-        if intent["shape"] == "punctate_nodular":
-            radii = np.full(3, r, np.float32) * np.array([1.0, 0.97, 0.95], np.float32)
-        R = _rotation(rng)
-        q = [R[i, 0] * dx + R[i, 1] * dy + R[i, 2] * dz for i in range(3)]
-        rho = np.sqrt((q[0] / radii[0]) ** 2 + (q[1] / radii[1]) ** 2 + (q[2] / radii[2]) ** 2)
-        rm = float(radii.mean())
-        if intent["shape"] == "irregular":
-            f1 = smooth_field(rng, rho.shape, max(1.0, 0.3 * rm / smin))
-            f2 = smooth_field(rng, rho.shape, max(1.0, 0.15 * rm / smin))
-            rho = rho * (1.0 + 0.35 * f1) * (1.0 - 0.4 * np.clip(f2 - 0.6, 0, None))
-        else:
-            rho = rho * (1.0 + 0.04 * smooth_field(rng, rho.shape, max(1.0, 0.5 * rm / smin)))
-        d = (rho - 1.0) * rm
-
-    # -- where the lesion may be: the host, plus soft tissue around it when invading -----
-    allowed = host.copy()
-    if model.placement == "lumen":
-        allowed &= depth > ctx.band()
-    if ext:
-        near = ndi.distance_transform_edt(~host, sampling=sp) <= float(rng.uniform(4.0, 10.0))
-        soft = (img > SOFT_TISSUE_HU[0]) & (img < SOFT_TISSUE_HU[1])
-        outward = (~host) & near & soft
-        if ctx.no_invade:
-            outward &= ~host_mask(ctx.labels[sl], ctx.no_invade)
-        if wall:
-            d = np.where(outward, np.maximum((rho - 1.0) * rp, 0.0) - smin * 0.01, d)
-            d = np.where(outward, np.maximum(d, -smin), d)
-        allowed |= outward
-    allowed &= ~ctx.taken[sl]
-    mask = (d <= 0) & allowed
-    if not mask[cl] and not (wall or polyp):
+        site = _Site.at(ctx, site.centre, need)
+    shape = _shape_field(ctx, growth, intent, radius, site)
+    outward = _invasion_zone(ctx, site) if growth.invading else None
+    if outward is not None and growth.thickening:
+        shape = _thickening_into(shape, outward, ctx.min_spacing)
+    allowed = _allowed_region(ctx, growth, site, outward)
+    mask = _lesion_mask(growth, site, shape.signed_mm, allowed)
+    if mask is None or not _acceptable(growth, site, mask, radius, ctx.spacing):
         return None
-    lab, n = ndi.label(mask)
+    occupancy = _occupancy(ctx, intent, shape.signed_mm, mask, allowed)
+    lesion_hu = _lesion_hu(ctx, intent, mask, shape.signed_mm, _base_hu(ctx, intent, site, mask), radius)
+    _blend(ctx, site.box, mask, occupancy, lesion_hu)
+    return Lesion(site.box, mask, intent.as_report())
+
+
+def _pick_site(ctx: _Context, model: TypeModel, candidates: np.ndarray, half: list[int]) -> _Site | None:
+    """A random candidate centre away from the volume's edge; bone metastases take the
+    deepest of four (they favour thick bone)."""
+    tries = 4 if model.placement == "bone" else 1
+    best = None
+    for _ in range(tries):
+        centre = candidates[int(ctx.rng.integers(len(candidates)))]
+        if any(ci < 2 or ci > n - 3 for ci, n in zip(centre, ctx.image.shape)):
+            continue
+        site = _Site.at(ctx, centre, half)
+        if best is None or site.centre_depth > best.centre_depth:
+            best = site
+    return best
+
+
+def _fit_radius(ctx: _Context, model: TypeModel, growth: _Growth, radius: float, site: _Site) -> float | None:
+    """How big the lesion can be here (mm), from how deep its centre lies in the organ;
+    None when the organ is too thin for it (or an invading lesion too deep to reach out)."""
+    min_spacing = ctx.min_spacing
+    centre_depth = float(site.centre_depth)
+    r_min = 1.05 * min_spacing if ctx.relaxed else max(0.3 * model.diameter_mm[0], 1.5 * min_spacing)
+    if model.placement == "bone":
+        radius = min(radius, max(1.6 * centre_depth, 1.5 * min_spacing))
+    elif model.placement == "parenchyma" and not growth.invading:
+        if centre_depth < 0.8 * radius:
+            radius = centre_depth / 0.8
+            if radius < r_min:
+                return None
+    elif model.placement == "parenchyma" and growth.invading:
+        if centre_depth > 0.75 * radius:
+            radius = centre_depth / 0.75
+        if centre_depth < 0.15 * radius:
+            return None
+    elif growth.polyp:
+        radius = min(radius, 0.8 * float(site.depth.max()))
+        if centre_depth > 0.9 * radius or radius < r_min:
+            return None
+    elif model.placement == "lumen":
+        radius = min(radius, centre_depth - ctx.band() + 0.5 * min_spacing)
+        if radius < 0.8 * min_spacing:
+            return None
+    elif model.placement == "sinus":
+        radius = min(radius, max(centre_depth - min_spacing, 0.8 * min_spacing))
+    return max(radius, 1.05 * min_spacing)  # at least the voxel and its six neighbours
+
+
+def _shape_field(ctx: _Context, growth: _Growth, intent: LesionIntent, radius: float, site: _Site) -> _ShapeField:
+    """The lesion's shape around its centre, in its random orientation."""
+    offsets = _offsets(site.box, site.centre, ctx.spacing)
+    if growth.thickening:
+        return _thickening_field(ctx, intent, radius, site, offsets)
+    return _mass_field(ctx, intent, radius, offsets)
+
+
+def _thickening_field(ctx: _Context, intent: LesionIntent, radius: float, site: _Site, offsets) -> _ShapeField:
+    """A wall thickening: the organ's outer wall to a bumpy depth, within a bumpy ellipsoid
+    (long along the esophagus); nothing outside the organ yet."""
+    assert intent.thickness_mm is not None
+    rng, min_spacing = ctx.rng, ctx.min_spacing
+    extent_mm = radius * float(rng.uniform(0.9, 1.2))
+    rotated = _rotate(_rotation(rng), offsets)
+    stretch = np.array([1.0, 1.0, 1.0], np.float32)
+    if ctx.organ == "esophagus":
+        stretch = np.array([0.6, 0.6, 1.6], np.float32)
+    rho = np.sqrt((rotated[0] / (extent_mm * stretch[0])) ** 2 + (rotated[1] / (extent_mm * stretch[1])) ** 2
+                  + (rotated[2] / (extent_mm * stretch[2])) ** 2)
+    bumps = smooth_field(rng, rho.shape, max(1.0, 0.3 * extent_mm / min_spacing))
+    rho = rho * (1.0 + 0.15 * bumps)
+    thickness = intent.thickness_mm * (1.0 + 0.2 * smooth_field(rng, rho.shape,
+                                                                 max(1.0, 0.4 * extent_mm / min_spacing)))
+    ellipsoid_mm = (rho - 1.0) * extent_mm
+    signed_mm = np.maximum(site.depth - thickness, ellipsoid_mm)
+    signed_mm = np.where(site.host, signed_mm, np.maximum(signed_mm, 0.0) + min_spacing)
+    return _ShapeField(signed_mm, ellipsoid_mm)
+
+
+def _mass_field(ctx: _Context, intent: LesionIntent, radius: float, offsets) -> _ShapeField:
+    """A mass: a randomly oriented ellipsoid; irregular ones get lobes and clefts, the rest
+    a slightly wavy outline."""
+    rng, min_spacing = ctx.rng, ctx.min_spacing
+    radii = radius * np.array([1.0, rng.uniform(0.8, 1.0), rng.uniform(0.75, 1.0)], np.float32)
+    if intent.shape == "punctate_nodular":
+        radii = np.full(3, radius, np.float32) * np.array([1.0, 0.97, 0.95], np.float32)
+    rotated = _rotate(_rotation(rng), offsets)
+    rho = np.sqrt((rotated[0] / radii[0]) ** 2 + (rotated[1] / radii[1]) ** 2 + (rotated[2] / radii[2]) ** 2)
+    mean_radius = float(radii.mean())
+    if intent.shape == "irregular":
+        lobes = smooth_field(rng, rho.shape, max(1.0, 0.3 * mean_radius / min_spacing))
+        clefts = smooth_field(rng, rho.shape, max(1.0, 0.15 * mean_radius / min_spacing))
+        rho = rho * (1.0 + 0.35 * lobes) * (1.0 - 0.4 * np.clip(clefts - 0.6, 0, None))
+    else:
+        rho = rho * (1.0 + 0.04 * smooth_field(rng, rho.shape, max(1.0, 0.5 * mean_radius / min_spacing)))
+    return _ShapeField((rho - 1.0) * mean_radius)
+
+
+def _invasion_zone(ctx: _Context, site: _Site) -> np.ndarray:
+    """Soft tissue within a few mm outside the host, never vessels, airways or bone:
+    where an invading lesion may grow."""
+    image = ctx.image[site.box]
+    near = ndi.distance_transform_edt(~site.host, sampling=ctx.spacing) <= float(ctx.rng.uniform(4.0, 10.0))
+    soft = (image > SOFT_TISSUE_HU[0]) & (image < SOFT_TISSUE_HU[1])
+    outward = (~site.host) & near & soft
+    if ctx.no_invade:
+        outward &= ~host_mask(ctx.labels[site.box], ctx.no_invade)
+    return outward
+
+
+def _thickening_into(shape: _ShapeField, outward: np.ndarray, min_spacing: float) -> _ShapeField:
+    """An invading thickening fills the invasion zone within its ellipsoid (just inside)."""
+    assert shape.ellipsoid_mm is not None
+    signed_mm = np.where(outward, np.maximum(shape.ellipsoid_mm, 0.0) - min_spacing * 0.01, shape.signed_mm)
+    signed_mm = np.where(outward, np.maximum(signed_mm, -min_spacing), signed_mm)
+    return _ShapeField(signed_mm, shape.ellipsoid_mm)
+
+
+def _allowed_region(ctx: _Context, growth: _Growth, site: _Site, outward: np.ndarray | None) -> np.ndarray:
+    """Where the lesion may be: the host (the deep lumen, for stones), plus the invasion
+    zone; never on or next to an earlier lesion."""
+    allowed = site.host.copy()
+    if growth.placement == "lumen":
+        allowed &= site.depth > ctx.band()
+    if outward is not None:
+        allowed |= outward
+    allowed &= ~ctx.taken[site.box]
+    return allowed
+
+
+def _component(mask: np.ndarray, local_centre: tuple[int, ...]) -> np.ndarray | None:
+    """The connected part of `mask` holding the centre, else its largest part; None if empty."""
+    parts, n = ndi.label(mask)
     if n == 0:
         return None
-    keep = lab[cl] if lab[cl] else int(np.argmax(np.bincount(lab.ravel())[1:]) + 1)
-    mask = lab == keep
-    if ext:
-        # a protrusion too small to count as invasion is trimmed: the report and mask agree
-        out = mask & ~host
-        if 0 < out.sum() < max(3, 0.02 * mask.sum()):
-            lab, n = ndi.label(mask & host)
-            if n == 0:
-                return None
-            mask = lab == (lab[cl] if lab[cl] else int(np.argmax(np.bincount(lab.ravel())[1:]) + 1))
-    nvox = int(mask.sum())
-    if nvox < 2:
-        return None
-    if not ext and not (wall or polyp) and nvox < 0.45 * (4.0 / 3.0 * np.pi * r**3) / float(np.prod(sp)):
-        return None
-    if wall and (nvox * float(np.prod(sp)) < 150.0 or (ext and not (mask & ~host).any())):
-        return None
-    if ext and not wall and not (mask & ~host).any():
-        return None
+    keep = parts[local_centre] if parts[local_centre] else int(np.argmax(np.bincount(parts.ravel())[1:]) + 1)
+    return parts == keep
 
-    # -- occupancy: partial volume at the margin; a slow fall-off when ill-defined --------
-    if intent["surface"] == "ill_defined" and nvox > 8:
-        L = max(4.0, 1.8 * smin) * float(rng.uniform(1.0, 1.3))
-        occ = 1.0 / (1.0 + np.exp(np.clip(d / L, -30, 30)))
+
+def _lesion_mask(growth: _Growth, site: _Site, signed_mm: np.ndarray, allowed: np.ndarray) -> np.ndarray | None:
+    """The lesion's voxels: one connected piece of its shape where it is allowed. A mass must
+    hold its centre; a protrusion too small to count as invasion is trimmed, so the report
+    (measured from the mask) and the mask agree."""
+    mask = (signed_mm <= 0) & allowed
+    if not mask[site.local_centre] and not (growth.thickening or growth.polyp):
+        return None
+    mask = _component(mask, site.local_centre)
+    if mask is None or not growth.invading:
+        return mask
+    outside = mask & ~site.host
+    if 0 < outside.sum() < max(3, 0.02 * mask.sum()):
+        return _component(mask & site.host, site.local_centre)
+    return mask
+
+
+def _acceptable(growth: _Growth, site: _Site, mask: np.ndarray, radius: float, spacing) -> bool:
+    """Reject a speck, a mass clipped to under half its volume, a thickening too small to
+    see, and an invading lesion that stayed inside its organ."""
+    voxels = int(mask.sum())
+    if voxels < 2:
+        return False
+    voxel_mm3 = float(np.prod(spacing))
+    mass = not (growth.thickening or growth.polyp)
+    if not growth.invading and mass and voxels < 0.45 * (4.0 / 3.0 * np.pi * radius**3) / voxel_mm3:
+        return False
+    if growth.thickening and (voxels * voxel_mm3 < 150.0 or (growth.invading and not (mask & ~site.host).any())):
+        return False
+    return not (growth.invading and not growth.thickening and not (mask & ~site.host).any())
+
+
+# ---- appearance: occupancy, intensity, blending -----------------------------------------------
+
+def _occupancy(ctx: _Context, intent: LesionIntent, signed_mm: np.ndarray, mask: np.ndarray,
+               allowed: np.ndarray) -> np.ndarray:
+    """How much of each voxel is lesion: partial volume at the margin; a slow fall-off
+    when ill-defined. At least 0.5 in the mask, below it just outside."""
+    min_spacing = ctx.min_spacing
+    if intent.surface == "ill_defined" and int(mask.sum()) > 8:
+        falloff_mm = max(4.0, 1.8 * min_spacing) * float(ctx.rng.uniform(1.0, 1.3))
+        occupancy = 1.0 / (1.0 + np.exp(np.clip(signed_mm / falloff_mm, -30, 30)))
     else:
-        occ = np.clip(0.5 - d / (0.8 * smin), 0.0, 1.0)
-    occ = occ.astype(np.float32)
+        occupancy = np.clip(0.5 - signed_mm / (0.8 * min_spacing), 0.0, 1.0)
+    occupancy = occupancy.astype(np.float32)
     grown = ndi.binary_dilation(mask, iterations=2) & allowed
-    occ = np.where(mask, np.maximum(occ, 0.5), np.where(grown, np.minimum(occ, 0.49), 0.0))
+    return np.where(mask, np.maximum(occupancy, 0.5), np.where(grown, np.minimum(occupancy, 0.49), 0.0))
 
-    # -- intensity -------------------------------------------------------------------------
-    if "hu" in intent:
-        base = intent["hu"]
-    else:
-        # the normal tissue of the host in this crop (its wall, for a hollow organ)
-        normal = host & ~mask & ~ctx.taken[sl]
-        if ctx.organ in HOLLOW_ORGANS:
-            normal &= depth <= max(WALL_BAND_MM[ctx.organ], 1.5 * max(sp))
-        vals = img[normal]
-        ref = float(np.median(vals)) if vals.size else float(np.median(img[host]))
-        base = ref + intent["delta_hu"]
-        intent["reference_hu"] = round(ref, 1)
-    tex = smooth_field(rng, mask.shape, max(1.0, 2.0 / smin))
-    if intent["heterogeneity"] == "heterogeneous":
-        amp = float(rng.uniform(14, 28))
-        lesion_hu = base + amp * tex
-        inner = np.where(mask, -d, 0.0)   # depth inside the lesion, from its shape field
-        nec = (inner > 0.4 * float(inner.max())) & (smooth_field(rng, mask.shape, max(1.0, 0.25 * r / smin)) > 0.3)
-        if base > 60:
-            lesion_hu = np.where(nec, base - float(rng.uniform(40, 70)), lesion_hu)
-        else:
-            lesion_hu = np.where(nec, base + float(rng.uniform(30, 60)) * np.sign(rng.random() - 0.5), lesion_hu)
-    else:
-        lesion_hu = base + 2.0 * tex
-    new = img * (1.0 - occ) + lesion_hu * occ
+
+def _base_hu(ctx: _Context, intent: LesionIntent, site: _Site, mask: np.ndarray) -> float:
+    """The lesion's mean HU: absolute, or the organ's normal tissue in this box (its wall,
+    for a hollow organ) plus the intended difference; that reference goes into `intent`."""
+    if intent.hu is not None:
+        return intent.hu
+    assert intent.delta_hu is not None
+    image = ctx.image[site.box]
+    normal = site.host & ~mask & ~ctx.taken[site.box]
+    if ctx.organ in HOLLOW_ORGANS:
+        normal &= site.depth <= max(WALL_BAND_MM[ctx.organ], 1.5 * max(ctx.spacing))
+    values = image[normal]
+    reference = float(np.median(values)) if values.size else float(np.median(image[site.host]))
+    intent.reference_hu = round(reference, 1)
+    return reference + intent.delta_hu
+
+
+def _lesion_hu(ctx: _Context, intent: LesionIntent, mask: np.ndarray, signed_mm: np.ndarray, base: float,
+               radius: float) -> np.ndarray:
+    """The lesion's HU: a faint texture when homogeneous; when heterogeneous a strong one
+    and a core that differs (darker in an enhancing lesion, else either way)."""
+    rng, min_spacing = ctx.rng, ctx.min_spacing
+    texture = smooth_field(rng, mask.shape, max(1.0, 2.0 / min_spacing))
+    if intent.heterogeneity != "heterogeneous":
+        return base + 2.0 * texture
+    amplitude = float(rng.uniform(14, 28))
+    lesion_hu = base + amplitude * texture
+    inner = np.where(mask, -signed_mm, 0.0)   # depth inside the lesion, from its shape field
+    core = ((inner > 0.4 * float(inner.max()))
+            & (smooth_field(rng, mask.shape, max(1.0, 0.25 * radius / min_spacing)) > 0.3))
+    if base > 60:
+        return np.where(core, base - float(rng.uniform(40, 70)), lesion_hu)
+    return np.where(core, base + float(rng.uniform(30, 60)) * np.sign(rng.random() - 0.5), lesion_hu)
+
+
+def _blend(ctx: _Context, box: Box, mask: np.ndarray, occupancy: np.ndarray, lesion_hu: np.ndarray) -> None:
+    """Mix the lesion into the image by occupancy; on real CT give it the scanner's noise
+    where it replaces the image (so it is no smoother); mark its voxels taken."""
+    image = ctx.image[box]
+    blended = image * (1.0 - occupancy) + lesion_hu * occupancy
     if ctx.noise_sd:
-        keep_frac = 1.0 - occ
-        add = np.sqrt(np.clip(1.0 - keep_frac**2, 0, 1)) * ctx.noise_sd
-        new = new + add * rng.standard_normal(occ.shape).astype(np.float32)
-    ctx.image[sl] = new.astype(ctx.image.dtype)
-    ctx.taken[sl] |= ndi.binary_dilation(mask, structure=np.ones((3, 3, 3), bool), iterations=1)
-    intent = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in intent.items()}
-    return Lesion(sl, mask, intent)
+        kept = 1.0 - occupancy
+        noise_sd = np.sqrt(np.clip(1.0 - kept**2, 0, 1)) * ctx.noise_sd
+        blended = blended + noise_sd * ctx.rng.standard_normal(occupancy.shape).astype(np.float32)
+    ctx.image[box] = blended.astype(ctx.image.dtype)
+    ctx.taken[box] |= ndi.binary_dilation(mask, structure=np.ones((3, 3, 3), bool), iterations=1)
