@@ -23,15 +23,13 @@ from client.privacy.dp_metrics import released_metric_names
 from client.privacy.outbox import DP_METRICS, OutboxPolicy, OutboxRefused, release
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.task import SiteAgent, SiteRefused
-from pasta_model.presets import preset_names
 from pasta_model.protocol import (
     ACTION_HAS_BACKBONE,
-    ACTION_INSTALL_BACKBONE,
     HAS_BACKBONE,
-    QUERY_ACTIONS,
     SITE_RECORD,
     ErrorCode,
     ProtocolError,
+    QueryConfig,
     RoundConfig,
     check_incoming_heads,
     error_message,
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 NODE_CONFIG_KEY = "hospital-config"
 # DP bookkeeping and what a DP evaluation releases; nothing un-noised (no loss, no c-index)
 ALLOWED_METRICS = DP_METRICS | released_metric_names()
-QUERY_KEYS = frozenset({"action", "backbone-sha256", "preset"})
 
 SiteResolver = Callable[[Context], Path]
 _AGENTS: dict[Path, SiteAgent] = {}
@@ -197,31 +194,21 @@ def handle_evaluate(ex: _Exchange, context: Context, resolve: SiteResolver) -> M
     return Message(content=content, reply_to=ex.msg)
 
 
-def _query(msg: Message) -> tuple[str, str]:
-    """The (action, backbone-sha256) of a handshake query; anything else is a ProtocolError."""
-    cfg = dict(_record(msg, "config", ConfigRecord))
-    unknown = set(cfg) - QUERY_KEYS
-    if unknown:
-        raise ProtocolError(f"query config has unknown key(s) {sorted(unknown)}")
-    sha, action = cfg.get("backbone-sha256"), cfg.get("action")
-    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise ProtocolError("query: backbone-sha256 must be 64 hex digits")
-    if action not in QUERY_ACTIONS:
-        raise ProtocolError(f"query: unknown action {action!r}")
-    if action == ACTION_INSTALL_BACKBONE and cfg.get("preset") not in preset_names():
-        raise ProtocolError(f"query: unknown preset {cfg.get('preset')!r}")
-    return action, sha
+def _query(msg: Message) -> QueryConfig:
+    """The handshake query's config; anything else is a ProtocolError."""
+    return QueryConfig.from_config_record(_record(msg, "config", ConfigRecord))
 
 
 @_answering
 def handle_query(ex: _Exchange, context: Context, resolve: SiteResolver) -> Message:
     """Backbone handshake: `has-backbone`, then (if needed) `install-backbone` with the weights."""
     agent = ex.agent = _agent(resolve(context))
-    ex.action, sha = _query(ex.msg)
+    query = _query(ex.msg)
+    ex.action, sha = query.action, query.backbone_sha256
     if ex.action == ACTION_HAS_BACKBONE:
         has = agent.has_backbone(sha)
     else:
-        preset = str(ex.msg.content["config"]["preset"])
+        preset = str(query.preset)
         # numpy, not to_torch_state_dict(): the dtype check must see the wire's dtypes, unconverted
         payload = {k: v.numpy() for k, v in _record(ex.msg, "backbone", ArrayRecord).items()}
         agent.install_backbone(sha, preset, payload)

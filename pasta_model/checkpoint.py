@@ -166,11 +166,24 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
 
 
+def _check_vocabularies(path: Path, meta: CheckpointMeta) -> None:
+    """Class indices are positions in the label vocabularies: a checkpoint trained with
+    other ones would name every prediction wrongly, so it is refused, naming the first."""
+    ours = json.loads(json.dumps(vocabularies()))
+    for name, labels in ours.items():
+        theirs = meta.vocabularies.get(name)
+        if theirs != labels:
+            raise CheckpointError(f"{path}: vocabulary {name!r} differs from this software's "
+                                  f"(checkpoint: {theirs}, here: {labels}); the checkpoint was trained with "
+                                  f"another label set (pasta-fed {meta.package_version})")
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PastaNet, CheckpointMeta]:
     """Rebuild the model the metadata describes and load its weights strictly (always as
     float32: a half-precision file is cast up before its backbone hash is checked)."""
     path = Path(path)
     meta = read_meta(path)
+    _check_vocabularies(path, meta)
     tensors = as_fp32(load_file(str(path), device="cpu"))
     try:
         model = build_model(meta.preset, meta.tasks,

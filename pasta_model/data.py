@@ -9,7 +9,6 @@ re-reads or re-resamples a volume.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import PersistentDataset
+from monai.data.utils import json_hashing
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -148,11 +148,8 @@ def prepare_cases(records, preset: Preset, plan: RegionPlan, cache_dir: Path | N
     if cache_dir is not None:
         folder = Path(cache_dir) / f"{preset.name}-{preset.spacing_mm:g}mm-{plan.key()}"
         folder.mkdir(parents=True, exist_ok=True)
-
-        def item_hash(item) -> bytes:
-            return hashlib.md5(json.dumps(item, sort_keys=True).encode()).hexdigest().encode()
-
-        ds = PersistentDataset(items, transform=transform, cache_dir=folder, hash_func=item_hash)
+        # key: SHA-256 of the item's sorted JSON (MONAI's json_hashing); the folder name holds the plan
+        ds = PersistentDataset(items, transform=transform, cache_dir=folder, hash_func=json_hashing)
         get = ds.__getitem__
     else:
         get = lambda i: transform(items[i])  # noqa: E731

@@ -5,27 +5,39 @@ gives them a typed, validated face.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from synth.typed_config import FILE, parse
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 
-@dataclass(frozen=True)
+Positive = Annotated[int, Field(ge=1)]
+
+
+@dataclass(frozen=True, config=FILE)
 class Preset:
     name: str                 # tiny | small | base | paper
-    base_features: int        # channels of the first encoder stage
-    max_features: int         # channel cap (deep stages and bottleneck)
-    num_pools: int            # stride-2 downsamplings, bottleneck included
-    spacing_mm: float         # target isotropic spacing
-    crop_size: int            # lesion-centred crop edge (segment/report/stage/survival)
-    detect_crop_size: int     # organ crop edge for detect
-    head_hidden: tuple[int, ...]  # MLP hidden sizes of the classification heads
+    base_features: Positive   # channels of the first encoder stage
+    max_features: Positive    # channel cap (deep stages and bottleneck)
+    num_pools: Positive       # stride-2 downsamplings, bottleneck included
+    spacing_mm: Annotated[float, Field(gt=0)]   # target isotropic spacing
+    crop_size: Positive       # lesion-centred crop edge (segment/report/stage/survival)
+    detect_crop_size: Positive  # organ crop edge for detect
+    head_hidden: tuple[Positive, ...]  # MLP hidden sizes of the classification heads
+
+    @model_validator(mode="after")
+    def _crops_fit_the_pools(self) -> Preset:
+        for key in ("crop_size", "detect_crop_size"):
+            if getattr(self, key) % self.divisor:
+                raise ValueError(f"{key} ({getattr(self, key)}) must be a multiple of 2**num_pools = {self.divisor}")
+        return self
 
     def stage_features(self) -> tuple[int, ...]:
         """Channels of encoder stages 0..num_pools-1 (the bottleneck excluded)."""
@@ -46,36 +58,8 @@ class Preset:
         return 2 ** self.num_pools
 
 
-_INT_FIELDS = ("base_features", "max_features", "num_pools", "crop_size", "detect_crop_size")
-
-
 def _preset_from_mapping(name: str, raw: Any, source: Path) -> Preset:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: preset {name!r} must be a mapping, got {type(raw).__name__}")
-    fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise ValueError(f"{source}: preset {name!r} has unknown key(s) {unknown}")
-    missing = sorted(fields - set(raw))
-    if missing:
-        raise ValueError(f"{source}: preset {name!r} lacks key(s) {missing}")
-    for key in _INT_FIELDS:
-        value = raw[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{source}: preset {name!r} key {key!r} must be a positive integer, got {value!r}")
-    spacing = raw["spacing_mm"]
-    if not isinstance(spacing, (int, float)) or isinstance(spacing, bool) or spacing <= 0:
-        raise ValueError(f"{source}: preset {name!r} key 'spacing_mm' must be a positive number, got {spacing!r}")
-    hidden = raw["head_hidden"]
-    if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden):
-        raise ValueError(f"{source}: preset {name!r} key 'head_hidden' must be a list of positive integers")
-    preset = Preset(name=name, spacing_mm=float(spacing), head_hidden=tuple(hidden),
-                    **{k: raw[k] for k in _INT_FIELDS})
-    for key in ("crop_size", "detect_crop_size"):
-        if getattr(preset, key) % preset.divisor:
-            raise ValueError(f"{source}: preset {name!r} key {key!r} must be a multiple of "
-                             f"2**num_pools = {preset.divisor}")
-    return preset
+    return parse(Preset, raw, f"{source}: preset {name!r}", name=name)
 
 
 def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:

@@ -6,19 +6,23 @@ wrong types, out-of-range values and anything that looks like a path.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import fields
 from enum import IntEnum
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, Field, model_validator
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
+
+from synth.typed_config import WIRE, matching, one_of, parse
 
 from .heads import TASKS  # the tasks a round may name: client and server import them from here
 from .network import HEADS_PREFIX, head_keys
+from .presets import preset_names
 
 # Reply metric names (MetricRecord keys).
 NUM_EXAMPLES = "num-examples"
@@ -93,97 +97,84 @@ def _looks_like_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.startswith(("~", "."))
 
 
-@dataclass(frozen=True)
+def _not_path_like(value: str) -> str:
+    if _looks_like_path(value):
+        raise ValueError("must not look like a path")
+    return value
+
+
+# -- the limits of a round: the coordinator's run settings use the same types -------------
+Task = Annotated[str, one_of(TASKS)]
+LocalEpochs = Annotated[int, Field(ge=1, le=50)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+BatchSize = Annotated[int, Field(ge=1, le=1024)]
+Delta = Annotated[float, Field(gt=0, lt=1)]
+ProximalMu = Annotated[float, Field(ge=0, le=MAX_PROXIMAL_MU)]
+PlannedRounds = Annotated[int, Field(ge=1, le=10000)]
+Sha256 = Annotated[str, matching(_SHA256.pattern, "64 lowercase hex digits (a SHA-256)")]
+RunId = Annotated[str, matching(_RUN_ID.pattern, "1-64 characters of [A-Za-z0-9_.-]"), AfterValidator(_not_path_like)]
+WireString = Annotated[str, AfterValidator(_not_path_like)]
+
+
+def check_proximal_step(learning_rate: float, proximal_mu: float) -> None:
+    """Each proximal step is w -= lr*mu*(w - w_global): with lr*mu <= 1 it moves w towards
+    the global weights, above that it overshoots and can blow up after the budget is spent."""
+    if learning_rate * proximal_mu > 1:
+        raise ValueError(f"proximal-mu ({proximal_mu:g}) times learning-rate ({learning_rate:g}) must be <= 1")
+
+
+@dataclass(frozen=True, config=WIRE)
 class RoundConfig:
-    server_round: int
-    task: str
-    local_epochs: int
-    learning_rate: float
-    batch_size: int
-    backbone_sha256: str
-    dp_delta: float
-    planned_rounds: int
-    run_id: str
-    proximal_mu: float = 0.0
+    server_round: Annotated[int, Field(ge=1)]
+    task: Task
+    local_epochs: LocalEpochs
+    learning_rate: LearningRate
+    batch_size: BatchSize
+    backbone_sha256: Sha256
+    dp_delta: Delta
+    planned_rounds: PlannedRounds
+    run_id: RunId
+    proximal_mu: ProximalMu = 0.0
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        _validate(self)
+    @model_validator(mode="after")
+    def _consistent(self) -> RoundConfig:
+        if self.server_round > self.planned_rounds:
+            raise ValueError(f"server-round ({self.server_round}) must not exceed planned-rounds "
+                             f"({self.planned_rounds})")
+        check_proximal_step(self.learning_rate, self.proximal_mu)
+        return self
 
     @classmethod
     def from_config_record(cls, record: Mapping[str, Any]) -> RoundConfig:
         """Parse a (kebab-case) ConfigRecord or plain dict; any problem -> ProtocolError."""
-        by_wire = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(str(k) for k in record if k not in by_wire)
-        if unknown:
-            raise ProtocolError(f"unknown config key(s) {unknown}; expected {sorted(by_wire)}")
-        required = [w for w, f in by_wire.items() if f.default is MISSING]
-        missing = [w for w in required if w not in record]
-        if missing:
-            raise ProtocolError(f"missing config key(s) {missing}")
-        values: dict[str, Any] = {}
-        for wire, f in by_wire.items():
-            if wire not in record:
-                continue
-            value = record[wire]
-            if isinstance(value, str) and _looks_like_path(value):
-                raise ProtocolError(f"config key {wire!r}: path-like value {value!r} refused")
-            values[f.name] = _coerce(wire, value, f.type)
-        return cls(**values)
+        wire = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items()}
+        return parse(cls, wire, "round config", ProtocolError)
 
     def to_config_dict(self) -> dict[str, int | float | str]:
         """Kebab-case dict to put into a Flower ConfigRecord."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
 
-def _coerce(wire: str, value: Any, type_name: Any) -> Any:
-    type_name = type_name if isinstance(type_name, str) else type_name.__name__
-    if type_name == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ProtocolError(f"config key {wire!r} must be an integer, got {type(value).__name__}")
-        return int(value)
-    if type_name == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ProtocolError(f"config key {wire!r} must be a number, got {type(value).__name__}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ProtocolError(f"config key {wire!r} must be finite, got {value}")
-        return value
-    if not isinstance(value, str):
-        raise ProtocolError(f"config key {wire!r} must be a string, got {type(value).__name__}")
-    return value
+@dataclass(frozen=True, config=WIRE)
+class QueryConfig:
+    """The config of a backbone handshake query (before a site's first round)."""
+    action: Annotated[str, one_of(QUERY_ACTIONS)]
+    backbone_sha256: Sha256
+    preset: Annotated[str, one_of(preset_names())] | None = None   # with install-backbone
 
+    @model_validator(mode="after")
+    def _install_names_its_preset(self) -> QueryConfig:
+        if self.action == ACTION_INSTALL_BACKBONE and self.preset is None:
+            raise ValueError(f"preset is required with action {ACTION_INSTALL_BACKBONE!r}")
+        return self
 
-def _validate(c: RoundConfig) -> None:
-    def check(ok: bool, wire: str, rule: str) -> None:
-        if not ok:
-            raise ProtocolError(f"config key {wire!r}={getattr(c, wire.replace('-', '_'))!r}: {rule}")
+    @classmethod
+    def from_config_record(cls, record: Mapping[str, Any]) -> QueryConfig:
+        return parse(cls, dict(record), "query config", ProtocolError)
 
-    for name in ("server_round", "local_epochs", "batch_size", "planned_rounds", "seed"):
-        v = getattr(c, name)
-        check(isinstance(v, int) and not isinstance(v, bool), name.replace("_", "-"), "must be an integer")
-    for name in ("learning_rate", "dp_delta", "proximal_mu"):
-        v = getattr(c, name)
-        check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-              name.replace("_", "-"), "must be a finite number")
-    for name in ("task", "backbone_sha256", "run_id"):
-        check(isinstance(getattr(c, name), str), name.replace("_", "-"), "must be a string")
-    check(c.server_round >= 1, "server-round", "must be >= 1")
-    check(c.task in TASKS, "task", f"must be one of {list(TASKS)}")
-    check(1 <= c.local_epochs <= 50, "local-epochs", "must be in 1..50")
-    check(0 < c.learning_rate <= 1, "learning-rate", "must be in (0, 1]")
-    check(1 <= c.batch_size <= 1024, "batch-size", "must be in 1..1024")
-    check(_SHA256.fullmatch(c.backbone_sha256) is not None, "backbone-sha256", "must be 64 lowercase hex digits")
-    check(0 < c.dp_delta < 1, "dp-delta", "must be in (0, 1)")
-    check(1 <= c.planned_rounds <= 10000, "planned-rounds", "must be in 1..10000")
-    check(c.server_round <= c.planned_rounds, "server-round", "must not exceed planned-rounds")
-    check(_RUN_ID.fullmatch(c.run_id) is not None and not _looks_like_path(c.run_id),
-          "run-id", "must be 1-64 characters of [A-Za-z0-9_.-], not starting with '.'")
-    check(0 <= c.proximal_mu <= MAX_PROXIMAL_MU, "proximal-mu", f"must be in [0, {MAX_PROXIMAL_MU:g}]")
-    # each proximal step is w -= lr*mu*(w - w_global): with lr*mu <= 1 it moves w towards
-    # the global weights, above that it overshoots and can blow up after the budget is spent
-    check(c.learning_rate * c.proximal_mu <= 1, "proximal-mu",
-          f"times learning-rate ({c.learning_rate:g}) must be <= 1")
+    def to_config_dict(self) -> dict[str, str]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
 
 
 # -- head weights on the wire ------------------------------------------------------------

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from pasta_model.network import PastaNet, backbone_keys
-from pasta_model.protocol import ACTION_HAS_BACKBONE, ACTION_INSTALL_BACKBONE, HAS_BACKBONE
+from pasta_model.protocol import ACTION_HAS_BACKBONE, ACTION_INSTALL_BACKBONE, HAS_BACKBONE, QueryConfig
 from server.replies import error_reason, exchange_by_node
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,10 @@ def ensure_backbone(grid: Grid, nodes: list[int], model: PastaNet, sha256: str, 
     """Returns node -> problem for nodes that still lack the backbone (empty when all have it)."""
     if not nodes:
         return {}
-    base = {"backbone-sha256": sha256, "preset": model.preset.name}
-    replies = exchange_by_node(grid, [_query(n, {"action": ACTION_HAS_BACKBONE, **base}) for n in nodes], timeout)
+    has = QueryConfig(action=ACTION_HAS_BACKBONE, backbone_sha256=sha256).to_config_dict()
+    install = QueryConfig(action=ACTION_INSTALL_BACKBONE, backbone_sha256=sha256,
+                          preset=model.preset.name).to_config_dict()
+    replies = exchange_by_node(grid, [_query(n, has) for n in nodes], timeout)
     problems: dict[int, str] = {n: "no reply to the backbone query" for n in nodes}
     need: list[int] = []
     for node, msg in replies:
@@ -53,7 +55,7 @@ def ensure_backbone(grid: Grid, nodes: list[int], model: PastaNet, sha256: str, 
         arrays = ArrayRecord(torch_state_dict={k: state[k] for k in backbone_keys(state)})
         log.info("sending the backbone (%.1f MB) to %d site(s)", arrays.count_bytes() / 1e6, len(need))
         replies = exchange_by_node(
-            grid, [_query(n, {"action": ACTION_INSTALL_BACKBONE, **base}, arrays) for n in need], timeout)
+            grid, [_query(n, install, arrays) for n in need], timeout)
         for node, msg in replies:
             if msg.has_error():
                 problems[node] = error_reason(msg)

@@ -1,81 +1,85 @@
 """Run settings of a federated run, read from Flower's run config (kebab-case keys).
 
 Defaults live in pyproject's `[tool.flwr.app.config]`; `flwr run . --run-config`
-overrides them. Every key is validated here so that a typo fails at start, not in
-round 7.
+overrides them. Every key is validated here, with the limits the sites apply to a round
+(`pasta_model.protocol`), so that a typo or a value the sites would refuse fails at
+start, not in round 7.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from pasta_model.protocol import MAX_PROXIMAL_MU, TASKS
-from synth.typed_config import typed_fields
+from pydantic import AfterValidator, Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from pasta_model.protocol import (
+    BatchSize,
+    Delta,
+    LearningRate,
+    LocalEpochs,
+    PlannedRounds,
+    ProximalMu,
+    Task,
+    check_proximal_step,
+)
+from synth.typed_config import KEBAB, one_of, parse
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+
+Positive = Annotated[float, Field(gt=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+def _absolute_or_unset(path: str) -> str:
+    """The ServerApp runs in the SuperLink's working folder, not the coordinator's shell:
+    a relative path would land (or be looked for) somewhere else."""
+    if path and not Path(path).expanduser().is_absolute():
+        raise ValueError("must be an absolute path (the ServerApp does not run in your shell's folder)")
+    return str(Path(path).expanduser()) if path else path
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute_or_unset)]
 
 
 class SettingsError(ValueError):
     """A run-config key is unknown, of the wrong type, or out of range."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=KEBAB)
 class RunSettings:
-    num_server_rounds: int = 3
-    task: str = "report"
-    local_epochs: int = 2
-    learning_rate: float = 0.5
-    batch_size: int = 16
-    strategy: str = "fedavg"
-    min_sites: int = 2
-    fraction_sites: float = 1.0
-    round_timeout: float = 600.0
-    round_retries: int = 1
-    dp_delta: float = 1e-5
-    pretrained: str = ""
-    run_dir: str = "runs/federation"
+    num_server_rounds: PlannedRounds = 3
+    task: Task = "report"
+    local_epochs: LocalEpochs = 2
+    learning_rate: LearningRate = 0.5
+    batch_size: BatchSize = 16
+    strategy: Annotated[str, one_of(STRATEGIES)] = "fedavg"
+    min_sites: AtLeastOne = 2
+    fraction_sites: Annotated[float, Field(gt=0, le=1)] = 1.0
+    round_timeout: Positive = 600.0
+    round_retries: NonNegative = 1
+    dp_delta: Delta = 1e-5
+    pretrained: AbsolutePath = ""      # required by the ServerApp
+    run_dir: AbsolutePath = ""         # required by the ServerApp
     resume: bool = True
     seed: int = 0
-    proximal_mu: float = 0.01
-    trimmed_beta: float = 0.2
-    krum_malicious: int = 0
-    eval_data: str = ""
+    proximal_mu: ProximalMu = 0.01
+    trimmed_beta: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+    krum_malicious: NonNegative = 0
+    eval_data: AbsolutePath = ""
     send_backbone: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
+
+    @model_validator(mode="after")
+    def _sites_accept_the_proximal_step(self) -> RunSettings:
+        check_proximal_step(self.learning_rate, self.proximal_mu)
+        return self
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
-        values = typed_fields(cls, config, "run config", SettingsError, key_of=lambda n: n.replace("_", "-"),
-                              exclude=("extra",))
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        checks = [
-            (self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1"),
-            (self.task in TASKS, "task", f"must be one of {TASKS}"),
-            (1 <= self.local_epochs <= 50, "local-epochs", "must be in 1..50"),
-            (0 < self.learning_rate <= 1, "learning-rate", "must be in (0, 1] (sites refuse more)"),
-            (1 <= self.batch_size <= 1024, "batch-size", "must be in 1..1024"),
-            (self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}"),
-            (self.min_sites >= 1, "min-sites", "must be >= 1"),
-            (0 < self.fraction_sites <= 1, "fraction-sites", "must be in (0, 1]"),
-            (self.round_timeout > 0, "round-timeout", "must be > 0"),
-            (self.round_retries >= 0, "round-retries", "must be >= 0"),
-            (0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)"),
-            (0 <= self.proximal_mu <= MAX_PROXIMAL_MU, "proximal-mu", f"must be in [0, {MAX_PROXIMAL_MU:g}]"),
-            (self.learning_rate * self.proximal_mu <= 1, "proximal-mu",
-             "times learning-rate must be <= 1 (sites refuse more: the proximal step would overshoot)"),
-            (0 <= self.trimmed_beta < 0.5, "trimmed-beta", "must be in [0, 0.5)"),
-            (self.krum_malicious >= 0, "krum-malicious", "must be >= 0"),
-        ]
-        for ok, key, why in checks:
-            if not ok:
-                raise SettingsError(f"run config: {key} {why}, got {getattr(self, key.replace('-', '_'))!r}")
+        return parse(cls, config, "run config", SettingsError)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

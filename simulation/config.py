@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
-from synth.typed_config import typed_fields
+from pasta_model.protocol import BatchSize, Delta, LearningRate, LocalEpochs, PlannedRounds, Task
+from server.settings import STRATEGIES
+from synth.typed_config import FILE, one_of, parse
 
 COMPARISONS = ("local", "pooled", "pooled_no_dp", "pooled_scratch")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "simulation.yaml"
@@ -20,51 +24,44 @@ class SimulationConfigError(ValueError):
     pass
 
 
-@dataclass
+Count = Annotated[int, Field(ge=1)]
+
+
+@dataclass(config=FILE)
 class SimulationConfig:
-    hospitals: int = 3
-    rounds: int = 3
+    hospitals: Annotated[int, Field(ge=2)] = 3
+    rounds: PlannedRounds = 3
     preset: str = "tiny"
-    task: str = "report"
-    epsilon: float = 8.0
-    delta: float = 1e-5
+    task: Task = "report"
+    epsilon: Annotated[float, Field(gt=0)] = 8.0
+    delta: Delta = 1e-5
     seed: int = 0
-    local_epochs: int = 2
-    learning_rate: float = 0.5
-    batch_size: int = 16
-    strategy: str = "fedavg"
-    volume_size: int = 64
-    cases_min: int = 8
-    cases_max: int = 60
-    heldout_cases: int = 16
-    pretrain_cases: int = 100
-    pretrain_minutes: float = 5.0
+    local_epochs: LocalEpochs = 2
+    learning_rate: LearningRate = 0.5
+    batch_size: BatchSize = 16
+    strategy: Annotated[str, one_of(STRATEGIES)] = "fedavg"
+    volume_size: Annotated[int, Field(ge=48)] = 64
+    cases_min: Annotated[int, Field(ge=8)] = 8
+    cases_max: Count = 60
+    heldout_cases: Annotated[int, Field(ge=5)] = 16
+    pretrain_cases: Count = 100
+    pretrain_minutes: Annotated[float, Field(gt=0)] = 5.0
     pretrained: str | None = SHIPPED     # SHIPPED, a checkpoint path, or None / PRETRAIN: pretrain one here
-    comparisons: list[str] = field(default_factory=lambda: list(COMPARISONS))
-    max_grad_norm: float = 1.0
+    comparisons: list[Annotated[str, one_of(COMPARISONS)]] = field(default_factory=lambda: list(COMPARISONS))
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     # the empirical privacy audit of the first site in the report (about 10 s with 1,000 canaries: on)
     audit: bool = True
-    audit_canaries: int = 1000
+    audit_canaries: Annotated[int, Field(ge=2)] = 1000
 
-    def __post_init__(self) -> None:
-        checks = [
-            (self.hospitals >= 2, "hospitals", "must be >= 2"),
-            (self.rounds >= 1, "rounds", "must be >= 1"),
-            (self.epsilon > 0, "epsilon", "must be > 0"),
-            (0 < self.delta < 1, "delta", "must be in (0, 1)"),
-            (8 <= self.cases_min <= self.cases_max, "cases_min", "must be >= 8 and <= cases_max"),
-            (self.heldout_cases >= 5, "heldout_cases", "must be >= 5"),
-            (self.volume_size >= 48, "volume_size", "must be >= 48"),
-            (self.audit_canaries >= 2, "audit_canaries", "must be >= 2"),
-            (all(c in COMPARISONS for c in self.comparisons), "comparisons", f"each must be one of {COMPARISONS}"),
-        ]
-        for ok, key, why in checks:
-            if not ok:
-                raise SimulationConfigError(f"simulation config: {key} {why}, got {getattr(self, key)!r}")
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulationConfig:
+        if self.cases_min > self.cases_max:
+            raise ValueError(f"cases_min ({self.cases_min}) must be <= cases_max ({self.cases_max})")
+        return self
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], source: str = "config") -> SimulationConfig:
-        return cls(**typed_fields(cls, raw, source, SimulationConfigError))
+        return parse(cls, raw, source, SimulationConfigError)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> SimulationConfig:

@@ -127,3 +127,18 @@ def test_extra_that_is_not_json_is_refused_before_writing(tmp_path, net):
     with pytest.raises(ValueError, match="extra"):
         save_checkpoint(path, net, extra={"when": object()})
     assert not path.exists()
+
+
+def test_a_checkpoint_trained_with_other_labels_is_refused(tmp_path, net):
+    """Logit k means the k-th lesion type: a reordered vocabulary would mislabel every prediction."""
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, net)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata()
+    tensors = load_file(str(path))
+    meta = json.loads(header["pasta_fed"])
+    meta["vocabularies"]["lesion_types"] = list(reversed(meta["vocabularies"]["lesion_types"]))
+    save_file(tensors, str(path), metadata={**header, "pasta_fed": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=f"{path}: vocabulary 'lesion_types' differs"):
+        load_checkpoint(path)

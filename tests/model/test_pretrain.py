@@ -70,14 +70,15 @@ def test_training_steps_reduce_the_multitask_loss(dataset, precision):
 
 
 def test_config_errors_name_the_bad_key(tmp_path):
-    with pytest.raises(ValueError, match="learning_rate"):
-        PretrainConfig.from_dict({"data": tmp_path, "out": tmp_path, "learning_rate": 1})
-    with pytest.raises(ValueError, match="preset"):
-        PretrainConfig(data=tmp_path, out=tmp_path, preset="huge")
-    with pytest.raises(ValueError, match="loss_weights"):
-        PretrainConfig(data=tmp_path, out=tmp_path, loss_weights={"segmentation": 1.0})
-    with pytest.raises(ValueError, match="precision: 'fp16'"):
-        PretrainConfig(data=tmp_path, out=tmp_path, precision="fp16")
+    base = {"data": tmp_path, "out": tmp_path}
+    with pytest.raises(ValueError, match="pretrain config: learning_rate: unknown key"):
+        PretrainConfig.from_dict({**base, "learning_rate": 1})
+    with pytest.raises(ValueError, match="pretrain config: preset: must be one of tiny, small, base, paper"):
+        PretrainConfig.from_dict({**base, "preset": "huge"})
+    with pytest.raises(ValueError, match=r"loss_weights: unknown task\(s\) \['segmentation'\]"):
+        PretrainConfig.from_dict({**base, "loss_weights": {"segmentation": 1.0}})
+    with pytest.raises(ValueError, match="precision: must be one of auto, bf16, fp32, got 'fp16'"):
+        PretrainConfig.from_dict({**base, "precision": "fp16"})
     cfg = PretrainConfig.from_yaml("configs/pretrain.yaml", data=tmp_path, out=tmp_path)
     assert cfg.preset == "tiny" and cfg.loss_weights["segment"] == 1.0
 
