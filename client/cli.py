@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from synth.cli_errors import fail
+
 from .privacy import cli as privacy_cli
 from .site_config import SiteConfigError, load_site_config
 
@@ -14,7 +16,7 @@ def _load(args):
     try:
         return load_site_config(args.config)
     except SiteConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        fail(f"client {args.client_command}", err)
         return None
 
 
@@ -58,8 +60,7 @@ def run_show(args: argparse.Namespace) -> int:
         if args.png:
             print(f"wrote {write_png(config, case, Path(args.png), args.window)}", file=sys.stderr)
     except (ShowError, IngestError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail("client show", err)
     return 0
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
+
+from synth.cli_errors import fail
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,7 @@ def _pretrain(args) -> int:
         cfg.progress = not args.no_progress
         path = pretrain(cfg)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"pretrain: {exc}", file=sys.stderr)
-        return 2
+        return fail("pretrain", exc)
     print(f"checkpoint: {path}")
     return 0
 
@@ -48,8 +48,7 @@ def _predict(args) -> int:
     try:
         report = predict(_checkpoint(args), args.image, args.out, device=args.device)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"predict: {exc}", file=sys.stderr)
-        return 2
+        return fail("predict", exc)
     print((Path(args.out) / "report.txt").read_text(encoding="utf-8"), end="")
     print(f"mask: {report['mask']}")
     return 0
@@ -62,8 +61,7 @@ def _evaluate(args) -> int:
         result = evaluate(_checkpoint(args), args.data, device=args.device, max_cases=args.max_cases,
                           progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
+        return fail("evaluate", exc)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
+
+from synth.cli_errors import fail
 
 from .checkpoint import CheckpointError, read_meta, save_checkpoint, tensor_shapes
 from .heads import TASKS
@@ -35,8 +36,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         model, summary = import_released(src, preset=args.preset, tasks=args.tasks)
     except (ReleasedImportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail("model import", exc)
     print(summary.render())
     meta = save_checkpoint(args.out, model, extra={
         "imported_from": src.name,
@@ -93,8 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         meta = read_meta(args.checkpoint)
         params = parameter_counts(args.checkpoint)
     except (CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail("model info", exc)
     if args.json:
         out = {"preset": meta.preset, "tasks": meta.tasks, "parameters": params}
         if shipped is not None:
@@ -127,14 +126,12 @@ def cmd_ship(args: argparse.Namespace) -> int:
     try:
         card = json.loads(Path(args.card).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        print(f"error: {args.card}: cannot read the card ({exc})", file=sys.stderr)
-        return 2
+        return fail("model ship", f"{args.card}: cannot read the card ({exc})")
     try:
         card = ship_checkpoint(args.checkpoint, card, args.out, evaluate_data=args.evaluate,
                                evaluate_cases=args.evaluate_cases, device=args.device, card_source=str(args.card))
     except (CheckpointError, ShipError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail("model ship", exc)
     from .shipped import SHIPPED_FILE, card_summary, shipped_dir
     out = Path(args.out) if args.out is not None else shipped_dir()
     print(f"wrote {out / SHIPPED_FILE} ({card['file']['bytes'] / 1e6:.2f} MB float16, "

@@ -71,6 +71,8 @@ def _global_evaluator(settings: RunSettings, model) -> GlobalEvaluator | None:
 
 def run_federation(grid: Grid, settings: RunSettings, evaluator: GlobalEvaluator | None = None) -> Path:
     """Run (or resume) a federation; returns the run directory."""
+    if not settings.run_dir:
+        raise SettingsError("run config: run-dir: must name the run directory (an absolute path)")
     run = RunDirectory(settings.run_dir)
     resuming = run.exists()
     if resuming and not settings.resume:
@@ -83,10 +85,10 @@ def run_federation(grid: Grid, settings: RunSettings, evaluator: GlobalEvaluator
             log.info("resuming %s with its stored settings (ignoring the new ones)", run.root)
         settings = stored
     if not settings.pretrained:
-        raise SettingsError("run config: pretrained must name the pretrained PASTA checkpoint")
+        raise SettingsError("run config: pretrained: must name the pretrained PASTA checkpoint (an absolute path)")
     model, meta = load_checkpoint(settings.pretrained)
     if settings.task not in meta.tasks:
-        raise SettingsError(f"run config: task {settings.task!r} is not in the checkpoint's tasks {meta.tasks}")
+        raise SettingsError(f"run config: task: {settings.task!r} is not in the checkpoint's tasks {meta.tasks}")
     model.eval()
 
     book = SiteBook()

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 from pathlib import Path
+
+from synth.cli_errors import FAILED, fail
 
 from .certs import (
     ProvisioningError,
@@ -28,8 +29,7 @@ def _split(text: str) -> list[str]:
 
 
 def _fail(err: Exception) -> int:
-    print(f"pasta-fed certs: error: {err}", file=sys.stderr)
-    return 1
+    return fail("certs", err)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -143,8 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- pasta-fed app
 
 def _app_fail(err: Exception | str) -> int:
-    print(f"pasta-fed app: error: {err}", file=sys.stderr)
-    return 1
+    return fail("app", err)
 
 
 def _cmd_app_keygen(args: argparse.Namespace) -> int:
@@ -198,8 +197,8 @@ def _cmd_app_verify(args: argparse.Namespace) -> int:
     except ProvisioningError as err:
         return _app_fail(err)
     if not signers:
-        return _app_fail(f"{args.fab}: no signature by a key in {args.trusted_entities}; "
-                         "your SuperNode would refuse this app")
+        return fail("app verify", f"{args.fab}: no signature by a key in {args.trusted_entities}; "
+                    "your SuperNode would refuse this app", FAILED)
     for kid in signers:
         print(f"{args.fab}: signed by {kid} {app_signing.fingerprint(trusted[kid])}")
     return 0
@@ -215,10 +214,29 @@ def _cmd_app_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app_check_config(args: argparse.Namespace) -> int:
+    from .run_check import check_run_config
+    from .settings import SettingsError
+
+    try:
+        settings = check_run_config(args.run_config)
+    except SettingsError as err:
+        return fail("app check-config", err)
+    print(f"run config OK: task {settings.task}, {settings.num_server_rounds} round(s), strategy "
+          f"{settings.strategy}, at least {settings.min_sites} site(s); run-dir {settings.run_dir}")
+    return 0
+
+
 def _register_app(subparsers: argparse._SubParsersAction) -> None:
     app = subparsers.add_parser(
         "app", help="app pinning: sign the release FAB, publish it to the SuperLink")
     sub = app.add_subparsers(dest="app_command", required=True)
+
+    p = sub.add_parser("check-config", help="check a --run-config before `flwr run` submits it "
+                                              "(names the bad key; exit 2)")
+    p.add_argument("--run-config", action="append", default=[], metavar="STR",
+                   help="the same string(s) you give `flwr run --run-config`")
+    p.set_defaults(func=_cmd_app_check_config)
 
     p = sub.add_parser("keygen", help="create the Ed25519 release key pair")
     p.add_argument("--out", required=True, type=Path, help="folder for NAME.key / NAME.pub")

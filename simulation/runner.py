@@ -136,8 +136,9 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     settings = RunSettings(
         num_server_rounds=cfg.rounds, task=cfg.task, local_epochs=cfg.local_epochs,
         learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, strategy=cfg.strategy,
-        min_sites=2, dp_delta=cfg.delta, pretrained=str(pretrained), run_dir=str(out), resume=True,
-        seed=cfg.seed, round_timeout=1800.0, eval_data=str(eval_dir))
+        min_sites=2, dp_delta=cfg.delta, pretrained=str(Path(pretrained).resolve()),
+        run_dir=str(Path(out).resolve()), resume=True, seed=cfg.seed, round_timeout=1800.0,
+        eval_data=str(Path(eval_dir).resolve()))
     t0 = time.monotonic()
     run_federated(settings, [s.config for s in sites])
     timings["federation (all rounds)"] = time.monotonic() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synth.cli_errors import fail
 from synth.errors import SynthInputError
 
 
@@ -47,8 +48,7 @@ def _guarded(fn):
         try:
             return fn(args)
         except SynthInputError as exc:
-            print(f"pasta-fed synth {args.synth_command}: error: {exc}", file=sys.stderr)
-            return 2
+            return fail(f"synth {args.synth_command}", exc)
     return run
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
+
+from synth.cli_errors import fail
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +19,7 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
         result = run_audit(config, task=args.task, canaries=args.canaries, releases=args.releases,
                            confidence=args.confidence, backbone=args.backbone, seed=args.seed)
     except (SiteConfigError, AuditError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail("privacy audit", exc)
     print(result.text())
     png = args.png or (args.json.with_suffix(".png") if args.json else None)
     if args.json:

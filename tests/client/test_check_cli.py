@@ -145,12 +145,12 @@ def test_show_writes_exactly_what_the_agent_reads(site, tmp_path, capsys):
 def test_show_refuses_to_write_inside_the_hospital_data(site, capsys):
     target = site["images"] / "copy.nii.gz"
     assert run_cli(["client", "show", "--config", str(site["config"]), "--case", "case_nii",
-                    "--nifti", str(target)]) == 1
+                    "--nifti", str(target)]) == 2
     assert "refusing to write inside" in capsys.readouterr().err
     assert not target.exists()
 
 
 def test_show_explains_a_broken_case(site, capsys):
     assert run_cli(["client", "show", "--config", str(site["config"]),
-                    "--case", site["gap"].case_id]) == 1
+                    "--case", site["gap"].case_id]) == 2
     assert "missing slice" in capsys.readouterr().err

@@ -258,11 +258,12 @@ class Cluster:
         release, published first if it is not yet); returns the run id."""
         if not self.published:
             self.publish_release()
-        cmd = guide.fill(guide.command("flwr", "run"), {"/srv/pasta-fed/models/pasta.ckpt": str(pretrained),
-                                                        "/srv/pasta-fed/runs/report-01": str(run_dir)})
-        if overrides:   # a second --run-config: later values win
-            cmd += ["--run-config", " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())]
-        return self.start_run(cmd)
+        paths = {"/srv/pasta-fed/models/pasta.ckpt": str(pretrained), "/srv/pasta-fed/runs/report-01": str(run_dir)}
+        extra = ["--run-config", " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())] if overrides else []
+        check = self.run(guide.fill(guide.command("pasta-fed", "app", "check-config"), paths) + extra)
+        assert check.returncode == 0 and "run config OK" in check.stdout, check.stdout + check.stderr
+        # a second --run-config: later values win
+        return self.start_run(guide.fill(guide.command("flwr", "run"), paths) + extra)
 
     def start_run(self, cmd: list[str]) -> int:
         """Any `flwr run ...` (--format json); returns the run id."""

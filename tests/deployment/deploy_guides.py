@@ -29,6 +29,7 @@ EXERCISED: dict[tuple[str, ...], str] = {
     ("flwr", "supernode", "list"): "cluster.Cluster.nodes",
     ("flwr", "supernode", "unregister"): "test_deployment.test_only_registered_tls_supernodes_get_in",
     ("flwr", "run"): "cluster.Cluster.run_app",
+    ("pasta-fed", "app", "check-config"): "cluster.Cluster.run_app; test_guides.test_run_config_check_names_the_key",
     ("flwr", "ls"): "cluster.Cluster.run_status",
     ("flwr", "log"): "test_deployment.test_two_round_dp_run_over_tls",
     ("tensorboard",): "test_deployment.test_two_round_dp_run_over_tls",

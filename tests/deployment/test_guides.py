@@ -83,3 +83,24 @@ def test_guides_link_each_other_and_provisioning():
     for doc in (guide.COORDINATOR, guide.HOSPITAL):
         for target in re.findall(r"\]\(([\w.-]+\.md)\)", doc.read_text(encoding="utf-8")):
             assert (guide.DOCS / target).exists(), f"{doc.name} links to missing {target}"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("lerning-rate=0.1", "lerning-rate: unknown key"),          # Flower says only "Invalid run configuration"
+    ("learning-rate=2.0", "learning-rate: must be <= 1"),       # Flower starts the run; round 1 fails
+    ("task='segment'", "task: 'segment' is not in the checkpoint's tasks"),
+    ("run-dir='runs/report-01'", "run-dir: must be an absolute path"),
+])
+def test_run_config_check_names_the_key(tmp_path, override, named):
+    """The guide's check before `flwr run`: exit 2 and the key, for what Flower would let through."""
+    from pasta_model.checkpoint import save_checkpoint
+    from pasta_model.network import build_model
+    pretrained = tmp_path / "pasta.ckpt"
+    save_checkpoint(pretrained, build_model("tiny", ["report"]))
+    paths = {"/srv/pasta-fed/models/pasta.ckpt": str(pretrained),
+             "/srv/pasta-fed/runs/report-01": str(tmp_path / "r")}
+    cmd = guide.fill(guide.command("pasta-fed", "app", "check-config"), paths)
+    ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "run config OK: task report, 2 round(s)" in ok.stdout, ok.stderr
+    bad = subprocess.run(cmd + ["--run-config", override], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and f"pasta-fed app check-config: error: run config: {named}" in bad.stderr, bad.stderr

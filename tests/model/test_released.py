@@ -184,7 +184,7 @@ def test_cli_import_of_a_bad_file_fails_with_one_clear_line(tmp_path, capsys):
     src.write_bytes(b"not a checkpoint")
     assert run_cli("model", "import", str(src), "--out", str(tmp_path / "x.safetensors")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "broken.pth" in err
+    assert err.startswith("pasta-fed model import: error: ") and "broken.pth" in err
     assert not (tmp_path / "x.safetensors").exists()
 
 

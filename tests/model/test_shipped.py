@@ -132,7 +132,7 @@ def test_a_missing_shipped_file_is_one_clear_error_naming_its_path(empty_shipped
         shipped.shipped_checkpoint()
     assert cli_main(["predict", "--image", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("predict: ") and str(expected) in err and "--checkpoint" in err
+    assert err.startswith("pasta-fed predict: error: ") and str(expected) in err and "--checkpoint" in err
     assert cli_main(["evaluate", "--data", str(tmp_path)]) == 2
     assert str(expected) in capsys.readouterr().err
     assert cli_main(["model", "info"]) == 2

@@ -100,7 +100,7 @@ def test_keygen_writes_an_ed25519_pair_private_0600_and_refuses_to_overwrite(tmp
     printed = capsys.readouterr().out
     assert app_signing.fingerprint(pub) in printed
     before = (out / "release.key").read_bytes()
-    assert run_cli("app", "keygen", "--out", str(out)) == 1
+    assert run_cli("app", "keygen", "--out", str(out)) == 2
     assert str(out / "release.key") in capsys.readouterr().err
     assert (out / "release.key").read_bytes() == before
 
@@ -138,7 +138,7 @@ def test_a_second_signer_adds_to_the_record_and_a_different_fab_needs_force(rele
     kept = signed.fab.read_bytes()
     tiny_app(tmp_path / "app", "x = 2\n")                               # the project changed
     assert run_cli("app", "sign", "--key", str(keys.private_key), "--app", str(tmp_path / "app"),
-                   "--out", str(signed.fab)) == 1
+                   "--out", str(signed.fab)) == 2
     assert "--force" in capsys.readouterr().err and signed.fab.read_bytes() == kept
 
 

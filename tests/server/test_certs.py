@@ -117,7 +117,7 @@ def test_renew_server_keeps_ca_and_hospitals_and_verifies(tmp_path, capsys):
     init_consortium(other, ["localhost"])
     (out / "ca.key").write_bytes((other / "ca.key").read_bytes())
     kept = (out / "server.crt").read_bytes()
-    assert run_cli("certs", "renew-server", "--out", str(out)) == 1
+    assert run_cli("certs", "renew-server", "--out", str(out)) == 2
     assert str(out / "ca.key") in capsys.readouterr().err
     assert (out / "server.crt").read_bytes() == kept
 
@@ -175,11 +175,11 @@ def test_rerun_without_force_refuses_and_leaves_files_unchanged(tmp_path, capsys
                    "--hospitals", "alpha") == 0
     before = snapshot(out)
     assert run_cli("certs", "init", "--out", str(out), "--server-name", "localhost",
-                   "--hospitals", "alpha,beta") == 1
+                   "--hospitals", "alpha,beta") == 2
     err = capsys.readouterr().err
     assert "--force" in err and str(out / "ca.key") in err
     assert snapshot(out) == before  # nothing replaced, and beta not half-created
-    assert run_cli("certs", "add-hospital", "alpha", "--out", str(out)) == 1
+    assert run_cli("certs", "add-hospital", "alpha", "--out", str(out)) == 2
     assert str(out / "hospitals" / "alpha" / "alpha.key") in capsys.readouterr().err
     assert snapshot(out) == before
 
@@ -213,7 +213,7 @@ def test_add_hospital_creates_new_pair_and_needs_a_ca(tmp_path):
 def test_bad_server_name_is_refused_before_writing(tmp_path, bad, capsys):
     out = tmp_path / "c"
     assert run_cli("certs", "init", "--out", str(out), "--server-name",
-                   f"localhost,{bad}" if bad else ",") == 1
+                   f"localhost,{bad}" if bad else ",") == 2
     assert "--server-name" in capsys.readouterr().err
     assert not out.exists()
 
@@ -247,7 +247,7 @@ def test_handout_prints_files_address_and_exact_commands(consortium, capsys):
 
 def test_handout_refuses_unknown_hospital_and_host_not_in_cert(consortium, capsys):
     assert run_cli("certs", "handout", "omega", "--out", str(consortium.root),
-                   "--superlink", "localhost:8000") == 1
+                   "--superlink", "localhost:8000") == 2
     assert "add-hospital omega" in capsys.readouterr().err
     with pytest.raises(ProvisioningError, match="not among the certificate's names"):
         make_handout(consortium.root, "alpha", "other.example.org:8000")

@@ -74,3 +74,11 @@ def test_pretrain_config_checks_types():
         PretrainConfig.from_dict({"data": "d", "out": "o", "batch_size": 2.5})
     with pytest.raises(ValueError, match="max_minutes: must be a number, got True"):
         PretrainConfig.from_dict({"data": "d", "out": "o", "max_minutes": True})
+
+
+@pytest.mark.parametrize("key", ["pretrained", "run-dir", "eval-data"])
+def test_relative_coordinator_paths_are_refused_at_start(key):
+    """The ServerApp runs in the SuperLink's folder: a relative run-dir once landed there."""
+    with pytest.raises(SettingsError, match=f"run config: {key}: must be an absolute path"):
+        RunSettings.from_run_config({key: "runs/federation"})
+    assert getattr(RunSettings.from_run_config({key: "/srv/x"}), key.replace("-", "_")) == "/srv/x"
