@@ -66,8 +66,10 @@ def _metrics(msg: Message) -> dict[str, MetricRecordValues]:
     return {k: v for rec in recs.values() for k, v in rec.items()} if recs else {}
 
 
-def _exchange(grid: Grid, messages: list[Message], timeout: float, book: SiteBook, what: str
-              ) -> tuple[list[Message], list[SiteFailure]]:
+def _exchange(grid: Grid, messages: list[Message], timeout: float, book: SiteBook, what: str,
+              warn: bool = True) -> tuple[list[Message], list[SiteFailure]]:
+    """Replies and failures; each failure is a warning when `warn` (training), else it is
+    said once in the round's summary line (evaluation: sites refuse it routinely)."""
     sent = {m.metadata.dst_node_id for m in messages}
     ok: list[Message] = []
     failed: list[SiteFailure] = []
@@ -77,13 +79,15 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, book: SiteBoo
         if msg.has_error():
             site, reason = book.name(node), error_reason(msg)
             failed.append({"site": site, "reason": reason})
-            log.warning("%s: site %s failed: %s", what, site, reason)
+            if warn:
+                log.warning("%s: site %s failed: %s", what, site, reason)
         else:
             book.learn(msg)
             ok.append(msg)
     for node in sorted(sent - replied):
         failed.append({"site": book.name(node), "reason": f"no reply within {timeout:.0f}s"})
-        log.warning("%s: site %s did not reply within %.0fs", what, book.name(node), timeout)
+        if warn:
+            log.warning("%s: site %s did not reply within %.0fs", what, book.name(node), timeout)
     return ok, failed
 
 
@@ -146,7 +150,7 @@ def run_round(
                     rnd, site, train[NOISE_MULTIPLIER], train.get(EPSILON, float("nan")))
 
     eval_msgs = list(strategy.configure_evaluate(rnd, new_arrays, ConfigRecord(dict(evaluate_config)), grid))
-    eval_ok, eval_failed = _exchange(grid, eval_msgs, timeout, book, f"round {rnd} evaluate")
+    eval_ok, eval_failed = _exchange(grid, eval_msgs, timeout, book, f"round {rnd} evaluate", warn=False)
     eval_ok, _ = _consistent(eval_ok)
     agg_eval = strategy.aggregate_evaluate(rnd, eval_ok) if eval_ok else None
     for m in eval_ok:
@@ -166,7 +170,9 @@ def run_round(
         "global": global_metrics or {},
         "seconds": round(time.monotonic() - t0, 3),
     }
-    log.info("round %d: %d site(s) aggregated (%s), %.1fs", rnd, len(ok), ", ".join(sorted(sites)), record["seconds"])
+    refused = "; ".join(f"{f['site']} ({f['reason']})" for f in eval_failed)
+    log.info("round %d: %d site(s) aggregated (%s), %.1fs%s", rnd, len(ok), ", ".join(sorted(sites)),
+             record["seconds"], f"; evaluation refused by {refused}" if refused else "")
     return RoundOutcome(new_arrays, record)
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from simulation.console import configure_logging
 
 # Each module exposes `register(subparsers)`; it adds its subcommands with
 # `set_defaults(func=...)`, where func(args) returns an exit code.
@@ -33,11 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(args.verbose, args.command)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:

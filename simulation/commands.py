@@ -7,9 +7,16 @@ from pathlib import Path
 
 from pasta_model.protocol import TASKS
 from simulation.config import DEFAULT_CONFIG, SimulationConfig, SimulationConfigError
+from synth.cli_errors import fail
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.yaml"
+
+
+def config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    """The YAML (default configs/simulation.yaml) with the command line's overrides on top."""
+    return SimulationConfig.load(args.config, hospitals=args.hospitals, rounds=args.rounds, preset=args.preset,
+                                 task=args.task, epsilon=args.epsilon, seed=args.seed, pretrained=args.pretrained)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -18,13 +25,9 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.resume:
             report = simulate(SimulationConfig(), Path(args.resume), resume=True)
         else:
-            cfg = SimulationConfig.load(args.config, hospitals=args.hospitals, rounds=args.rounds,
-                                        preset=args.preset, task=args.task, epsilon=args.epsilon,
-                                        seed=args.seed, pretrained=args.pretrained)
-            report = simulate(cfg, Path(args.out))
+            report = simulate(config_from_args(args), Path(args.out))
     except SimulationConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return fail("simulate", exc)
     print(f"report: {report}")
     return 0
 
@@ -38,8 +41,7 @@ def _demo(args: argparse.Namespace) -> int:
             demo_pretraining(cfg, out)
         report = simulate(cfg, out, resume=(out / "simulation.json").exists())
     except SimulationConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return fail("demo", exc)
     print(f"report: {report}")
     return 0
 

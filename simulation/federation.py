@@ -36,8 +36,11 @@ def backend_config(num_sites: int) -> dict:
     import torch
     cpus = max(1, os.cpu_count() or 1)
     gpus = 1.0 / num_sites if torch.cuda.is_available() else 0.0
+    # the sites' own log lines stay in their Ray workers unless -v: the coordinator's round
+    # summary already names each site's failure
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False}}
+            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose}}
 
 
 def run_federated(settings: RunSettings, site_configs: list[Path],
@@ -49,6 +52,8 @@ def run_federated(settings: RunSettings, site_configs: list[Path],
         run_federation(grid, settings, evaluator)
 
     client_app = make_client_app(SitesByPartition(site_configs))
+    log.info("starting Ray with %d simulated hospital(s) (about 15 s), then %d round(s)",
+             len(site_configs), settings.num_server_rounds)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(site_configs),
                    backend_config=backend_config(len(site_configs)))
     final = Path(settings.run_dir) / "final.ckpt"

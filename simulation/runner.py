@@ -150,6 +150,7 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     timings["comparisons"] = time.monotonic() - t0
     audit = None
     if cfg.audit:
+        log.info("empirical privacy audit of %s (%d canaries)", sites[0].profile.name, cfg.audit_canaries)
         t0 = time.monotonic()
         audit = audit_one_site(cfg, sites[0], pretrained, out)
         timings["privacy audit (one site)"] = time.monotonic() - t0

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import UTC, datetime
+
+from synth.cli_errors import FAILED, fail
 
 
 def _format(summary: dict) -> str:
     lines = [f"site {summary['site']}  accountant {summary['mechanism']}",
              f"epsilon spent {summary['epsilon']:.4f} of {summary['max_epsilon']:g} "
              f"(remaining {summary['remaining_epsilon']:.4f}) at delta {summary['delta']:g}, "
-             f"over every backbone, task, run and attempt"]
+             f"over every backbone, task, run and attempt",
+             _which_delta(summary)]
     if summary["history"]:
         lines.append(f"{'run':<20} {'round':>5} {'try':>3} {'kind':<8} {'task':<9} {'sigma':>8} {'q':>9} "
                      f"{'steps':>6} {'eps after':>9}  status")
@@ -27,12 +29,19 @@ def _format(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _which_delta(summary: dict) -> str:
+    if summary["delta"] < summary["site_delta"]:
+        return (f"delta {summary['delta']:g}: the coordinator's, stricter than this site's {summary['site_delta']:g}; "
+                f"releases are charged at the stricter one, so the next round is checked at it too")
+    return f"delta {summary['delta']:g}: this site's privacy.delta (every row below is at it too)"
+
+
 def _site(args):
     from client.site_config import SiteConfigError, load_site_config
     try:
         return load_site_config(args.config)
     except SiteConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        fail(f"client {args.client_command}", err)
         return None
 
 
@@ -45,8 +54,7 @@ def run_ledger(args: argparse.Namespace) -> int:
     try:
         ledger = PrivacyLedger.open_site(config.state_dir)
     except LedgerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail(f"client {args.client_command}", err, FAILED)
     summary = ledger.summary(config.privacy.delta, config.privacy.max_epsilon, site=config.site)
     if args.json:
         summary["time"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -67,8 +75,7 @@ def run_audit(args: argparse.Namespace) -> int:
         report = repair_state(config.state_dir, site=config.site) if args.repair else \
             inspect_state(config.state_dir, expect=args.expect)
     except LedgerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail(f"client {args.client_command}", err, FAILED)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

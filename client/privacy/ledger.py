@@ -294,13 +294,21 @@ class PrivacyLedger:
         return {key: epsilon_of(self.mechanism, hist, delta) for key, hist in histories.items()}
 
     def summary(self, delta: float, max_epsilon: float | None = None, site: str | None = None) -> dict:
-        eps = self.epsilon(delta)
-        out = {"site": site, "model_key": self.model_key, "mechanism": self.mechanism, "delta": delta,
-               "epsilon": eps, "max_epsilon": max_epsilon,
-               "remaining_epsilon": None if max_epsilon is None else max(0.0, max_epsilon - eps),
-               "by_backbone": self.by_backbone(delta),
-               "history": [e.public() for e in self.entries]}
-        return out
+        """Spent privacy at one delta: the strictest of `delta` (the site's) and every delta a
+        release was charged at, the one the next round from that coordinator is checked at.
+        Each row's `epsilon_after` is recomputed at that same delta."""
+        shown = min([delta, *(e.delta for e in self.entries)])
+        eps = self.epsilon(shown)
+        history: list[HistoryItem] = []
+        rows = []
+        for e in self.entries:
+            history = merge_history(history, e.noise_multiplier, e.sample_rate, e.steps)
+            rows.append({**e.public(), "epsilon_after": epsilon_of(self.mechanism, history, shown),
+                         "charged_delta": e.delta})
+        return {"site": site, "model_key": self.model_key, "mechanism": self.mechanism, "delta": shown,
+                "site_delta": delta, "epsilon": eps, "max_epsilon": max_epsilon,
+                "remaining_epsilon": None if max_epsilon is None else max(0.0, max_epsilon - eps),
+                "by_backbone": self.by_backbone(shown), "history": rows}
 
     # ---- writing -------------------------------------------------------------------
     def reserve(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,

@@ -66,6 +66,12 @@ def test_simulate_killed_after_round_one_resumes_to_an_honest_end(tmp_path: Path
                           start_new_session=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == f"report: {run / 'report.md'}"
+    # the default output is what a user needs: its steps and one line per round, no library noise
+    printed = (done.stdout + done.stderr).strip().splitlines()
+    assert len(printed) <= 20, "\n".join(printed)
+    assert [line for line in printed if "server.rounds: round " in line and "aggregated" in line], printed
+    for noise in ("DEBUG", "alembic", "DEPRECATED", "nvImageCodec", "ClientAppActor", "warnings.warn"):
+        assert not [line for line in printed if noise in line], (noise, printed)
 
     rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
