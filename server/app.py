@@ -97,10 +97,7 @@ def run_federation(grid: Grid, settings: RunSettings, evaluator: GlobalEvaluator
     if last is not None:
         arrays_to_heads(model, last.heads, settings.task)
         start = last.round + 1
-        for rec in run.records():
-            for site, entry in rec.get("sites", {}).items():
-                if "node_id" in entry:
-                    book.names[int(entry["node_id"])] = site
+        book.names.update({node: seen["site"] for node, seen in run.sites_by_node().items()})
         log.info("resuming run %s after round %d of %d", info["run_id"], last.round, settings.num_server_rounds)
     arrays = heads_to_array_record(model, settings.task)
     evaluator = evaluator or _global_evaluator(settings, model)

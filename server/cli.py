@@ -227,6 +227,26 @@ def _cmd_app_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app_sites(args: argparse.Namespace) -> int:
+    import json
+
+    from .run_state import RunDirectory
+
+    run = RunDirectory(args.run_dir)
+    if not run.exists():
+        return fail("app sites", f"{args.run_dir}: no federated run there")
+    nodes = run.sites_by_node()
+    if args.json:
+        print(json.dumps({str(node): seen for node, seen in sorted(nodes.items())}, indent=2))
+        return 0
+    print(f"{'node-id':<22} {'site':<24} rounds")
+    for node, seen in sorted(nodes.items()):
+        print(f"{node:<22} {seen['site']:<24} {','.join(map(str, seen['rounds']))}")
+    if not nodes:
+        print("(no completed round yet)")
+    return 0
+
+
 def _register_app(subparsers: argparse._SubParsersAction) -> None:
     app = subparsers.add_parser(
         "app", help="app pinning: sign the release FAB, publish it to the SuperLink")
@@ -237,6 +257,12 @@ def _register_app(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-config", action="append", default=[], metavar="STR",
                    help="the same string(s) you give `flwr run --run-config`")
     p.set_defaults(func=_cmd_app_check_config)
+
+    p = sub.add_parser("sites", help="which hospital each node id of `flwr supernode list` is, from a run's "
+                                       "records")
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory (run-dir of the run config)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_app_sites)
 
     p = sub.add_parser("keygen", help="create the Ed25519 release key pair")
     p.add_argument("--out", required=True, type=Path, help="folder for NAME.key / NAME.pub")

@@ -96,6 +96,17 @@ class RunDirectory:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(self.round_paths(r)[1].read_text(encoding="utf-8")) for r in self.completed_rounds()]
 
+    def sites_by_node(self) -> dict[int, dict[str, Any]]:
+        """node id (as `flwr supernode list` shows it) -> {"site": its name, "rounds": [...]},
+        from the completed rounds' records; the name is the one each site's replies carry."""
+        nodes: dict[int, dict[str, Any]] = {}
+        for rec in self.records():
+            for site, entry in rec.get("sites", {}).items():
+                if "node_id" in entry:
+                    seen = nodes.setdefault(int(entry["node_id"]), {"site": site, "rounds": []})
+                    seen["rounds"].append(rec["round"])
+        return nodes
+
     def rebuild_metrics(self) -> Path:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records())
         path = self.root / "metrics.jsonl"

@@ -31,6 +31,7 @@ EXERCISED: dict[tuple[str, ...], str] = {
     ("flwr", "run"): "cluster.Cluster.run_app",
     ("pasta-fed", "app", "check-config"): "cluster.Cluster.run_app; test_guides.test_run_config_check_names_the_key",
     ("flwr", "ls"): "cluster.Cluster.run_status",
+    ("pasta-fed", "app", "sites"): "test_deployment.test_two_round_dp_run_over_tls",
     ("flwr", "log"): "test_deployment.test_two_round_dp_run_over_tls",
     ("tensorboard",): "test_deployment.test_two_round_dp_run_over_tls",
     ("pasta-fed", "predict"): "test_deployment.test_two_round_dp_run_over_tls",

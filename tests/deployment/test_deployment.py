@@ -94,6 +94,14 @@ def test_two_round_dp_run_over_tls(cluster_factory, pretrained, tmp_path):
     assert status == "finished:completed", status + "\n" + cluster.logs()
 
     assert (run_dir / "final.ckpt").is_file()
+    # the guide's node id -> hospital mapping agrees with the SuperLink's node list
+    sites = cluster.run(guide.fill(guide.command("pasta-fed", "app", "sites"),
+                                   {"/srv/pasta-fed/runs/report-01": str(run_dir)}) + ["--json"])
+    assert sites.returncode == 0, sites.stdout + sites.stderr
+    by_node = json.loads(sites.stdout)
+    assert sorted(seen["site"] for seen in by_node.values()) == names
+    assert set(by_node) == {n["node-id"] for n in cluster.nodes() if n["status"] == "online"}
+    assert all(seen["rounds"] == [1, 2] for seen in by_node.values())
     rounds = _rounds(run_dir)
     assert [r["round"] for r in rounds] == [1, 2]
     for rec in rounds:
