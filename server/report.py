@@ -31,25 +31,62 @@ def _series(records: list[dict], getter) -> dict[str, tuple[list[int], list[floa
     return out
 
 
-def _save_plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list[int], list[float]]]) -> bool:
+_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
+
+
+def _save_plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list[int], list[float]]],
+               *, from_zero: bool = True, integer_y: bool = False) -> bool:
+    """One line per series; markers and dashes differ, so identical series stay visible, and
+    the y axis starts at 0 (at most 1 for a metric in [0, 1]) so that +0.04 looks like +0.04."""
     if not series:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    for name, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, marker="o", label=name)
     from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    for i, (name, (xs, ys)) in enumerate(sorted(series.items())):
+        marker, dashes = _STYLES[i % len(_STYLES)]
+        ax.plot(xs, ys, marker=marker, linestyle=dashes, markersize=8 - 1.2 * (i % 4), label=name, alpha=0.85)
+    values = [y for _, ys in series.values() for y in ys]
+    if from_zero:
+        top = 1.0 if max(values) <= 1.0 else max(values) * 1.1
+        ax.set_ylim(min(0.0, min(values)), top)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if integer_y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
     return True
+
+
+def evaluation_gaps(records: list[dict]) -> list[str]:
+    """Why per-site metric curves are missing: each site that sent no evaluation, and why."""
+    reasons: dict[str, set[str]] = {}
+    for rec in records:
+        for failure in rec.get("evaluate_failed", []):
+            reasons.setdefault(failure["site"], set()).add(failure["reason"])
+    evaluated = {s for r in records for s, e in r.get("sites", {}).items() if e.get("evaluate")}
+    return [f"- **{site}** sent no evaluation metrics in {'any' if site not in evaluated else 'some'} round: "
+            f"{'; '.join(sorted(why))}" for site, why in sorted(reasons.items())]
+
+
+def _evaluation_section(records: list[dict]) -> list[str]:
+    gaps = evaluation_gaps(records)
+    if not gaps:
+        return []
+    scored = any(r.get("global") for r in records)
+    why = ("a site refuses to release metrics over fewer validation patients than its "
+           "`min_cases_for_metrics`")
+    after = ("the coordinator's own validation set (`eval-data`) still scored every round." if scored else
+             "this run has no `eval-data`, so no figure of model quality was measured at all.")
+    return ["## Sites without evaluation metrics", "",
+            f"Their curves are missing from the plots above ({why}); {after}", "", *gaps, ""]
 
 
 def _metric_keys(records: list[dict]) -> list[str]:
@@ -79,11 +116,11 @@ def write_report(run: RunDirectory, title: str = "Federated run") -> Path:
     if _save_plot(plots / "epsilon.png", "privacy spent per site (epsilon)", "epsilon", eps):
         shown.append(("epsilon spent per site", "epsilon.png"))
     sites = _series(records, lambda r: {"sites aggregated": r.get("num_sites")})
-    if _save_plot(plots / "sites.png", "sites per round", "sites", sites):
+    if _save_plot(plots / "sites.png", "sites per round", "sites", sites, integer_y=True):
         shown.append(("sites per round", "sites.png"))
     for caption, name in shown:
         lines += [f"## {caption}", "", f"![{caption}](plots/{name})", ""]
-
+    lines += _evaluation_section(records)
     if records:
         last = records[-1]
         lines += ["## Final figures", "", f"After round {last['round']}:", "",

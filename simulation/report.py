@@ -14,22 +14,27 @@ def _fmt(v: float) -> str:
 
 
 def _bar_plot(path: Path, table: dict[str, dict[str, float]], metric: str) -> None:
+    """Grouped bars per hospital; the legend sits beside the axes (it covered a bar), and the
+    y axis runs from 0 to 1 for a metric in [0, 1], so a small difference looks small."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     methods = list(table)
     sites = sorted({s for row in table.values() for s in row})
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         ys = [table[m].get(s, float("nan")) for s in sites]
         ax.bar(np.arange(len(sites)) + i * width, ys, width, label=m)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2)
     ax.set_xticklabels(sites)
+    values = [v for row in table.values() for v in row.values() if not math.isnan(v)]
+    if values and min(values) >= 0 and max(values) <= 1:
+        ax.set_ylim(0, 1)
     ax.set_ylabel(f"{metric} on held-out cases")
     ax.set_title("comparisons on each hospital's held-out cases")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
