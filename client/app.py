@@ -23,6 +23,7 @@ from client.privacy.dp_metrics import released_metric_names
 from client.privacy.outbox import DP_METRICS, OutboxPolicy, OutboxRefused, release
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.task import SiteAgent, SiteRefused
+from pasta_model.app_logging import show_package_info
 from pasta_model.protocol import (
     ACTION_HAS_BACKBONE,
     HAS_BACKBONE,
@@ -245,4 +246,5 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
     return client
 
 
+show_package_info("client")   # the SuperNode's ClientApp process: our INFO lines on its stderr
 app = make_client_app()

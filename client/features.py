@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,9 @@ class FeatureCache:
         usable: list = []
         skipped: dict[str, str] = {r.case_id: r.reason for r in scan.rejected}
         seen_patients: set[str] = set()
+        log.info("site %s: frozen-backbone features of %d case(s) for task %s (cached under state_dir after "
+                 "the first round)", self.config.site, len(scan.cases), task)
+        started = time.monotonic()
         for source in scan.cases:
             labels = scan.labels.get(source.case_id)
             label_dict = dataclasses.asdict(labels) if labels is not None else {}
@@ -115,6 +119,8 @@ class FeatureCache:
                 continue
             seen_patients.add(patient)
             usable.append((source.case_id, patient, label_dict, feats))
+        log.info("site %s: %d usable case(s), %d not used, in %.0f s", self.config.site, len(usable), len(skipped),
+                 time.monotonic() - started)
         val = validation_patients([r[1] for r in usable])
         train_rows = [r for r in usable if r[1] not in val]
         val_rows = [r for r in usable if r[1] in val]

@@ -148,11 +148,14 @@ def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, d
     out_dir.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(checkpoint, device=dev)
     model.eval()
+    log.info("predict: reading %s", image)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         nii, sitk_img = nifti_input(image, Path(tmp))
         pre = build_preprocess(model.preset, mask_keys=())
         d = pre({"image": str(nii)})
         img = d["image"]
+        log.info("predict: segmenting a %s volume on %s (preset %s)", "x".join(map(str, img.shape[1:])), dev,
+                 meta.preset)
         prob = segment_volume(model, img, dev) if "segment" in model.heads else torch.zeros(img.shape[1:])
         # back to the input grid: resample the probability (bilinear), then threshold
         original = EnsureChannelFirst()(LoadImage(image_only=True)(str(nii)))
@@ -172,6 +175,7 @@ def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, d
             comps = lesion_components(pred_pp, [model.preset.spacing_mm] * 3)
             if comps:
                 primary = classify_crop(model, img, comps[0]["center_voxel"], dev)
+        log.info("predict: %d lesion(s) found; describing and detecting", len(lesions))
         detection = detect_volume(model, img, dev) if "detect" in model.heads else {}
 
         mask_path = out_dir / "mask.nii.gz"

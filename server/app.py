@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from pasta_model.app_logging import show_package_info
 from pasta_model.checkpoint import load_checkpoint, save_checkpoint
 from pasta_model.protocol import RoundConfig, arrays_to_heads, heads_to_array_record
 from server.backbone_delivery import ensure_backbone
@@ -32,25 +33,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _log_to_stderr()
+    show_package_info("server")
     settings = RunSettings.from_run_config(dict(context.run_config))
     run_federation(grid, settings)
-
-
-def _log_to_stderr() -> None:
-    """Show this package's INFO lines (rounds, resume, final checkpoint) in `flwr log`.
-
-    `flwr-serverapp` leaves Python logging unconfigured, so only warnings reached its
-    stderr (through logging's last resort) and `flwr log` showed no round progress.
-    A process that configured logging itself is left alone.
-    """
-    pkg = logging.getLogger("server")
-    if logging.getLogger().handlers or pkg.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    pkg.addHandler(handler)
-    pkg.setLevel(logging.INFO)
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

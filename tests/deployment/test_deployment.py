@@ -94,6 +94,9 @@ def test_two_round_dp_run_over_tls(cluster_factory, pretrained, tmp_path):
     assert status == "finished:completed", status + "\n" + cluster.logs()
 
     assert (run_dir / "final.ckpt").is_file()
+    # a hospital's operator sees its agent's work in the SuperNode's output, not a silent minute
+    node_log = next(p for p in cluster.procs if p.name == "supernode-alpha").text()
+    assert "frozen-backbone features of" in node_log and "round 2 trained on" in node_log, node_log[-3000:]
     # the guide's node id -> hospital mapping agrees with the SuperLink's node list
     sites = cluster.run(guide.fill(guide.command("pasta-fed", "app", "sites"),
                                    {"/srv/pasta-fed/runs/report-01": str(run_dir)}) + ["--json"])
