@@ -223,7 +223,7 @@ def test_mask_on_the_image_grid_is_read_and_a_shifted_one_is_an_error(tmp_path, 
                                                          one_scan_per_patient=True))}
     good = read_case(cases["good"])
     assert sitk.GetArrayFromImage(good.mask).sum() == 32 and good.mask.GetPixelID() == sitk.sitkUInt8
-    with pytest.raises(Exception, match="mask does not match its image: origin"):
+    with pytest.raises(IngestError, match="mask does not match its image: origin"):
         read_case(cases["shifted"])
 
 
