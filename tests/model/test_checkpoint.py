@@ -55,15 +55,19 @@ def test_backbone_hash_ignores_heads_and_sees_any_backbone_change(net):
     assert len(before) == 64 and int(before, 16) >= 0
 
 
-def test_edited_backbone_is_detected_on_load(tmp_path, net):
-    path = tmp_path / "m.safetensors"
-    save_checkpoint(path, net)
+def _edit_saved(path, net, tensors=lambda t: t, meta=lambda m: m) -> None:
+    """Save `net`, then rewrite the file as an editor would: other tensors or metadata."""
     from safetensors import safe_open
+    save_checkpoint(path, net)
     with safe_open(str(path), framework="pt") as fh:
         header = fh.metadata()
-    tensors = load_file(str(path))
-    tensors["tu.0.weight"] = tensors["tu.0.weight"] + 1
-    save_file(tensors, str(path), metadata=header)
+    edited = json.dumps(meta(json.loads(header["pasta_fed"])))
+    save_file(tensors(load_file(str(path))), str(path), metadata={**header, "pasta_fed": edited})
+
+
+def test_edited_backbone_is_detected_on_load(tmp_path, net):
+    path = tmp_path / "m.safetensors"
+    _edit_saved(path, net, tensors=lambda t: {**t, "tu.0.weight": t["tu.0.weight"] + 1})
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint(path)
 
@@ -132,13 +136,10 @@ def test_extra_that_is_not_json_is_refused_before_writing(tmp_path, net):
 def test_a_checkpoint_trained_with_other_labels_is_refused(tmp_path, net):
     """Logit k means the k-th lesion type: a reordered vocabulary would mislabel every prediction."""
     path = tmp_path / "model.safetensors"
-    save_checkpoint(path, net)
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata()
-    tensors = load_file(str(path))
-    meta = json.loads(header["pasta_fed"])
-    meta["vocabularies"]["lesion_types"] = list(reversed(meta["vocabularies"]["lesion_types"]))
-    save_file(tensors, str(path), metadata={**header, "pasta_fed": json.dumps(meta)})
+
+    def reverse_lesion_types(meta: dict) -> dict:
+        meta["vocabularies"]["lesion_types"].reverse()
+        return meta
+    _edit_saved(path, net, meta=reverse_lesion_types)
     with pytest.raises(CheckpointError, match=f"{path}: vocabulary 'lesion_types' differs"):
         load_checkpoint(path)
