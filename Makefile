@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# a real PACS for tests/client/test_pacs.py (skipped without it): Orthanc and its DICOMweb plugin
+	command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q orthanc orthanc-dicomweb; } || \
+	  echo "Orthanc not installed (PACS tests will skip): apt-get install -y orthanc orthanc-dicomweb"
 	touch $(STAMP)
 
 venv: $(STAMP)

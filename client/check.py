@@ -111,7 +111,8 @@ def summarize(config: SiteConfig, checks: list[CaseCheck], scan) -> dict:
                     for t in TASKS}
     return {
         "site": config.site,
-        "images": str(config.data.images),
+        "images": str(config.data.images) if config.data.images else None,
+        "pacs": config.pacs.address if config.pacs else None,
         "cases": len(checks),
         "status": dict(Counter(c.status for c in checks)),
         "usable": len(ok),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from synth.cli_errors import fail
 
+from .pacs import cli as pacs_cli
 from .privacy import cli as privacy_cli
 from .site_config import SiteConfigError, load_site_config
 
@@ -85,3 +86,4 @@ def register(subparsers) -> None:
     show.set_defaults(func=run_show)
 
     privacy_cli.register(client_sub)   # `client ledger`, owned by client.privacy
+    pacs_cli.register(client_sub)      # `client fetch`, owned by client.pacs

@@ -32,7 +32,8 @@ def find_case(config: SiteConfig, case_id: str) -> LoadedCase:
         if rejected.case_id == case_id:
             raise ShowError(f"case {case_id} is {rejected.status}: {rejected.reason}")
     known = ", ".join(s.case_id for s in scan.cases[:20])
-    raise ShowError(f"no case {case_id!r} under {config.data.images} (cases: {known or 'none'})")
+    where = " or ".join(str(w) for w in (config.data.images, config.pacs and "the PACS cache") if w)
+    raise ShowError(f"no case {case_id!r} in {where} (cases: {known or 'none'})")
 
 
 def describe(case: LoadedCase) -> dict:

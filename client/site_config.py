@@ -18,7 +18,8 @@ from pydantic.dataclasses import dataclass
 from pasta_model.protocol import Delta, Sha256
 from synth.typed_config import STRICT, matching, one_of, parse
 
-__all__ = ["SiteConfig", "DataConfig", "PrivacyConfig", "BackbonePolicy", "SiteConfigError", "load_site_config"]
+__all__ = ["SiteConfig", "DataConfig", "PrivacyConfig", "BackbonePolicy", "PacsConfig", "DimseConfig",
+           "StudyQuery", "SiteConfigError", "load_site_config"]
 
 _SITE_RE = r"[A-Za-z0-9_.-]+"
 _DEVICE_RE = r"auto|cpu|cuda|cuda:\d+"
@@ -60,7 +61,7 @@ Device = Annotated[str, matching(_DEVICE_RE, "auto, cpu, cuda or cuda:N"),
 
 @dataclass(frozen=True, config=STRICT)
 class DataConfig:
-    images: Path                 # folder of DICOM series (any depth) and/or NIfTI files
+    images: Path | None = None   # folder of DICOM series (any depth) and/or NIfTI files; optional with a pacs
     labels: Path | None = None   # CSV of patient-level labels (docs/hospital-data.md)
     masks: Path | None = None    # folder of lesion masks, <case_id>.nii[.gz]
     one_scan_per_patient: bool = False   # no patient id needed: every scan is a different patient
@@ -72,6 +73,49 @@ class PrivacyConfig:
     delta: Annotated[Delta, AfterValidator(_protective_delta)]
     max_grad_norm: Positive
     evaluation_share: Annotated[float, Field(ge=0, lt=1)] = 0.1   # share of max_epsilon for DP evaluation (0: none)
+
+
+AeTitle = Annotated[str, matching(r"[ -~]{1,16}", "a DICOM AE title (1 to 16 printable ASCII characters)")]
+
+
+@dataclass(frozen=True, config=STRICT)
+class DimseConfig:
+    """A PACS reached by DIMSE: C-FIND to list, C-GET to retrieve (no inbound port needed)."""
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    called_ae: AeTitle
+    calling_ae: AeTitle = "PASTAFED"
+
+
+@dataclass(frozen=True, config=STRICT)
+class StudyQuery:
+    """Which series to retrieve: the PACS is queried for this modality only."""
+    modality: Annotated[str, one_of(("CT",))] = "CT"
+
+
+@dataclass(frozen=True, config=STRICT)
+class PacsConfig:
+    """Where CT is retrieved from, into state_dir/pacs-cache/ (never into the data folders)."""
+    dicomweb: Annotated[str, matching(r"https?://[^@\s/]+(/\S*)?", "an http:// or https:// URL, without "
+                                       "user or password (those go in pacs.credentials)")] | None = None
+    dimse: DimseConfig | None = None
+    credentials: Path | None = None   # JSON file ({"username", "password"} or {"token"}); never logged
+    studies: StudyQuery = StudyQuery()
+
+    @property
+    def address(self) -> str:
+        """The PACS as a person would name it (no credentials: they are never in the YAML)."""
+        if self.dimse is not None:
+            return f"DIMSE {self.dimse.called_ae}@{self.dimse.host}:{self.dimse.port}"
+        return f"DICOMweb {self.dicomweb}"
+
+    @model_validator(mode="after")
+    def _one_protocol(self) -> PacsConfig:
+        if (self.dicomweb is None) == (self.dimse is None):
+            raise ValueError("name exactly one of dicomweb or dimse")
+        if self.credentials is not None and self.dimse is not None:
+            raise ValueError("credentials apply to dicomweb only (DIMSE authenticates by AE title)")
+        return self
 
 
 BACKBONE_POLICIES = ("any", "listed", "none")
@@ -105,6 +149,7 @@ class SiteConfig:
     backbones: BackbonePolicy = BackbonePolicy()
     device: Device = "auto"
     min_cases_for_metrics: Annotated[int, Field(ge=1)] = 5
+    pacs: PacsConfig | None = None   # CT retrieved from a PACS, beside or instead of data.images
     source: Path | None = None   # the YAML this came from (for messages)
 
     @property
@@ -124,7 +169,7 @@ def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-_PATHS = {"": ("state_dir", "backbone"), "data": ("images", "labels", "masks")}
+_PATHS = {"": ("state_dir", "backbone"), "data": ("images", "labels", "masks"), "pacs": ("credentials",)}
 
 
 def _with_resolved_paths(section: dict, keys: tuple[str, ...], base: Path) -> dict:
@@ -166,6 +211,19 @@ def _check_patient_ids(file: Path, data: DataConfig) -> None:
                               f"data.one_scan_per_patient: true if every scan is a different patient")
 
 
+def _pacs_section(raw: dict, file: Path) -> PacsConfig | None:
+    """`pacs:`, its nested dimse and studies mappings parsed one by one (STRICT takes no dicts)."""
+    if raw.get("pacs") is None:
+        return None
+    if not isinstance(raw["pacs"], dict):
+        raise SiteConfigError(f"{file}: pacs: must be a mapping, got {type(raw['pacs']).__name__}")
+    section = _with_resolved_paths(raw["pacs"], _PATHS["pacs"], file.parent)
+    for key, cls in (("dimse", DimseConfig), ("studies", StudyQuery)):
+        if isinstance(section.get(key), dict):
+            section[key] = parse(cls, section[key], str(file), SiteConfigError, prefix=f"pacs.{key}.")
+    return parse(PacsConfig, section, str(file), SiteConfigError, prefix="pacs.")
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate a site YAML. Relative paths resolve against the YAML's folder."""
     file = Path(path).expanduser().resolve()
@@ -178,7 +236,11 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if not isinstance(raw, dict):
         raise SiteConfigError(f"{file}: top level must be a mapping, got {type(raw).__name__}")
     top = {k: v for k, v in _with_resolved_paths(raw, _PATHS[""], file.parent).items() if v is not None}
-    top.update(data=_section(raw, file, "data", DataConfig), privacy=_section(raw, file, "privacy", PrivacyConfig))
+    pacs = _pacs_section(raw, file)
+    data = _section(raw, file, "data", DataConfig, required=pacs is None) or DataConfig()
+    top.update(data=data, privacy=_section(raw, file, "privacy", PrivacyConfig))
+    if pacs is not None:
+        top["pacs"] = pacs
     backbones = _section(raw, file, "backbones", BackbonePolicy, required=False)
     if backbones is not None:
         top["backbones"] = backbones
@@ -190,7 +252,11 @@ def load_site_config(path: str | Path) -> SiteConfig:
 def _check_folders(config: SiteConfig, file: Path) -> None:
     """The data exists, its labels can count patients, and the agent's state is outside it."""
     data = config.data
-    if not data.images.is_dir():
+    if data.images is None and config.pacs is None:
+        raise SiteConfigError(f"{file}: data.images: is required (or name a pacs)")
+    if config.pacs is not None and config.pacs.credentials is not None and not config.pacs.credentials.is_file():
+        raise SiteConfigError(f"{file}: pacs.credentials: file not found: {config.pacs.credentials}")
+    if data.images is not None and not data.images.is_dir():
         raise SiteConfigError(f"{file}: data.images: folder not found: {data.images}")
     if data.labels is not None and not data.labels.is_file():
         raise SiteConfigError(f"{file}: data.labels: file not found: {data.labels}")

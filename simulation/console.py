@@ -13,6 +13,7 @@ import warnings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NOISY = {"alembic": logging.WARNING, "flwr": logging.WARNING, "ray": logging.WARNING,
+         "dicomweb_client": logging.WARNING, "pynetdicom": logging.WARNING,
          "monai.data.nvimgcodec_pydicom_plugin": logging.ERROR, "py.warnings": logging.ERROR}
 # A simulation's own lines: its steps, the coordinator's round summaries and result files.
 SIMULATE_SHOWN = ("simulation", "server.rounds", "server.app")

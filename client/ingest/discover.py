@@ -26,6 +26,7 @@ from .labels import CaseLabels, read_labels
 from .types import CaseSource, IngestError, Rejected
 
 log = logging.getLogger(__name__)
+CACHE_SHOWN = "pacs"   # how sources in the PACS cache are shown: pacs/<SeriesInstanceUID>
 
 
 @dataclass
@@ -53,11 +54,18 @@ def default_case_id(patient_id: str, series_uid: str) -> str:
     return f"{patient}_{hashlib.sha256(series_uid.encode()).hexdigest()[:8]}"
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root)) or "."
-    except ValueError:
-        return str(path)
+Roots = tuple[tuple[Path, str], ...]   # (folder scanned, how its paths are shown)
+
+
+def _relative(path: Path, roots: Roots) -> str:
+    """`path` relative to the scanned folder holding it, prefixed as that folder is shown."""
+    for folder, shown in roots:
+        try:
+            relative = path.relative_to(folder)
+        except ValueError:
+            continue
+        return str(Path(shown) / relative) if shown else (str(relative) or ".")
+    return str(path)
 
 
 def _walk_files(root: Path, exclude: tuple[Path, ...]) -> list[Path]:
@@ -81,10 +89,33 @@ def _find_masks(masks_dir: Path | None) -> dict[str, Path]:
     return masks
 
 
+def _pacs_cache(config) -> Path | None:
+    """The folder of instances retrieved from the PACS (client.pacs), if the site names one."""
+    if getattr(config, "pacs", None) is None:
+        return None
+    from client.pacs import cache_dir
+
+    folder = cache_dir(config)
+    return folder if folder.is_dir() else None
+
+
+def _read_headers(files: list[Path], cached: list[Path]) -> tuple[list, list, list[Path]]:
+    """Headers of the folder's files, then of the PACS cache's, less series the folder has too."""
+    found = [dicom.read_slice_header(path) for path in files if not nifti.is_nifti(path)]
+    in_folder = {f.series_uid for f in found if f.series_uid}
+    from_pacs = [dicom.read_slice_header(path) for path in cached]
+    both = {f.series_uid for f in from_pacs if f.series_uid in in_folder}
+    if both:
+        log.info("%d series are both in data.images and in the PACS cache: reading the folder's copy", len(both))
+    found += [f for f in from_pacs if f.series_uid not in both]
+    ct_slices = [f for f in found if isinstance(f, dicom.SliceHeader)]
+    verdicts = [f for f in found if not isinstance(f, dicom.SliceHeader)]
+    return ct_slices, verdicts, [path for path in files if nifti.is_nifti(path)]
+
+
 def scan_site(config) -> SiteScan:
-    """Walk data.images and classify every file; read headers only."""
+    """Walk data.images and the PACS cache (if any) and classify every file; read headers only."""
     scan = SiteScan()
-    root = config.data.images
     if config.data.labels is not None:
         try:
             table = read_labels(config.data.labels)
@@ -94,17 +125,13 @@ def scan_site(config) -> SiteScan:
     series_to_case = {label.series_uid: label.case_id for label in scan.labels.values() if label.series_uid}
     exclude = tuple(p.resolve() for p in (config.data.masks, config.state_dir) if p is not None)
 
-    ct_slices: list[dicom.SliceHeader] = []
-    verdicts: list[dicom.FileVerdict] = []
-    nifti_files: list[Path] = []
-    files = _walk_files(root, exclude)
-    for path in files:
-        if nifti.is_nifti(path):
-            nifti_files.append(path)
-            continue
-        found = dicom.read_slice_header(path)
-        (ct_slices if isinstance(found, dicom.SliceHeader) else verdicts).append(found)
-    log.info("scanned %d files under %s", len(files), root)
+    images, cache = config.data.images, _pacs_cache(config)
+    roots: Roots = tuple((folder, shown) for folder, shown in ((images, ""), (cache, CACHE_SHOWN))
+                         if folder is not None)
+    files = _walk_files(images, exclude) if images is not None else []
+    cached = _walk_files(cache, ()) if cache is not None else []
+    ct_slices, verdicts, nifti_files = _read_headers(files, cached)
+    log.info("scanned %d files under %s", len(files) + len(cached), ", ".join(str(r[0]) for r in roots))
 
     candidates: list[CaseSource | Rejected] = []
     # Problems that belong to a CT series make that series an error.
@@ -129,16 +156,16 @@ def scan_site(config) -> SiteScan:
             folder = Path(os.path.commonpath([str(v.path.parent) for v in group]))
             count = f" ({len(group)} file{'s' if len(group) > 1 else ''})"
             candidates.append(Rejected(case_id, first.status, reason + count,
-                                       _relative(folder, root)))
+                                       _relative(folder, roots)))
         else:
-            rel = _relative(first.path, root)
+            rel = _relative(first.path, roots)
             candidates.append(Rejected(rel, first.status, reason, rel))
 
     for uid, slices in ct_series.items():
         patient = slices[0].patient_id
         case_id = series_to_case.get(uid, default_case_id(patient, uid))
         folder = Path(os.path.commonpath([str(s.path.parent) for s in slices]))
-        source = _relative(folder, root)
+        source = _relative(folder, roots)
         if uid in series_errors:
             candidates.append(Rejected(case_id, "error", "; ".join(series_errors[uid]), source))
             continue
@@ -156,10 +183,10 @@ def scan_site(config) -> SiteScan:
         try:
             nifti.check_nifti_header(path)
         except IngestError as err:
-            candidates.append(Rejected(case_id, "error", str(err), _relative(path, root)))
+            candidates.append(Rejected(case_id, "error", str(err), _relative(path, roots)))
             continue
         candidates.append(CaseSource(case_id=case_id, kind="nifti", files=(path,),
-                                     source=_relative(path, root), patient_id=""))
+                                     source=_relative(path, roots), patient_id=""))
 
     masks = _find_masks(config.data.masks)
     seen: dict[str, str] = {}

@@ -1,0 +1,33 @@
+"""The PACS login, read from the file the site YAML names; its contents are never logged.
+
+The file is JSON: {"username": ..., "password": ...} (HTTP basic) or {"token": ...}
+(bearer). Messages name the file and the missing key, never a value.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import requests
+
+from .types import PacsError
+
+
+def session_with_credentials(path: Path | None) -> requests.Session:
+    """A requests session that authenticates with the credentials file (if any)."""
+    session = requests.Session()
+    if path is None:
+        return session
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PacsError(f"{path}: cannot read the PACS credentials ({type(err).__name__})") from None
+    if not isinstance(raw, dict):
+        raise PacsError(f"{path}: PACS credentials must be a JSON object")
+    if isinstance(raw.get("token"), str):
+        session.headers["Authorization"] = f"Bearer {raw['token']}"
+    elif isinstance(raw.get("username"), str) and isinstance(raw.get("password"), str):
+        session.auth = (raw["username"], raw["password"])
+    else:
+        raise PacsError(f"{path}: PACS credentials need string keys username and password, or token")
+    return session

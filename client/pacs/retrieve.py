@@ -1,0 +1,83 @@
+"""Copy a site's CT from its PACS into the local cache, resuming where a previous run stopped."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from .cache import InstanceCache, cache_dir
+from .types import Pacs, PacsError, SeriesRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalReport:
+    series: int = 0          # CT series the PACS listed
+    instances: int = 0       # their instances
+    cached: int = 0          # already in the cache before this run (not fetched again)
+    fetched: int = 0         # retrieved by this run
+    cache: Path | None = None
+
+
+def connect(config) -> Pacs:
+    """The PACS connection the site YAML names (DICOMweb or DIMSE)."""
+    pacs = config.pacs
+    if pacs is None:
+        raise PacsError(f"{config.source}: no pacs section")
+    if pacs.dicomweb is not None:
+        from .dicomweb import DicomWebPacs
+        return DicomWebPacs(pacs.dicomweb, pacs.credentials)
+    from .dimse import DimsePacs
+    d = pacs.dimse
+    return DimsePacs(d.host, d.port, d.called_ae, d.calling_ae)
+
+
+def retrieve(config, progress: Callable[[Path], None] | None = None, pacs: Pacs | None = None) -> RetrievalReport:
+    """List the CT series on the PACS and fetch every instance not cached yet.
+
+    `progress` is called with each newly cached file (after its rename); if it raises,
+    retrieval stops there and the next run resumes from the cache.
+    """
+    pacs = pacs or connect(config)
+    cache = InstanceCache(cache_dir(config))
+    report = RetrievalReport(cache=cache.root)
+    all_series = pacs.find_series(config.pacs.studies.modality)
+    log.info("PACS lists %d %s series", len(all_series), config.pacs.studies.modality)
+    for number, series in enumerate(all_series, 1):
+        sop_uids = pacs.find_instances(series)
+        missing = cache.missing(series, sop_uids)
+        report.series += 1
+        report.instances += len(sop_uids)
+        report.cached += len(sop_uids) - len(missing)
+        log.info("series %d/%d %s: %d instances, %d cached, fetching %d", number, len(all_series),
+                 series.series_uid, len(sop_uids), len(sop_uids) - len(missing), len(missing))
+        if missing:
+            _fetch(pacs, cache, series, missing, whole=len(missing) == len(sop_uids), report=report,
+                   progress=progress)
+    log.info("PACS retrieval done: %d series, %d instances, %d fetched, %d already cached in %s",
+             report.series, report.instances, report.fetched, report.cached, cache.root)
+    return report
+
+
+def _fetch(pacs: Pacs, cache: InstanceCache, series: SeriesRef, missing: list[str], *, whole: bool,
+           report: RetrievalReport, progress: Callable[[Path], None] | None) -> None:
+    wanted = set(missing)
+
+    def store(dataset: Dataset) -> None:
+        if str(dataset.get("SOPInstanceUID", "")) not in wanted:
+            log.warning("series %s: ignored an instance the PACS sent unasked", series.series_uid)
+            return
+        path = cache.store(series, dataset)
+        wanted.discard(str(dataset.SOPInstanceUID))
+        report.fetched += 1
+        if progress is not None:
+            progress(path)
+
+    pacs.fetch(series, missing, store, whole)
+    if wanted:
+        raise PacsError(f"series {series.series_uid}: the PACS did not send {len(wanted)} of "
+                        f"{len(missing)} instance(s)")

@@ -1,0 +1,161 @@
+"""CT from a real PACS (Orthanc): retrieved over DICOMweb and DIMSE, read like the same files in a folder."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from orthanc import CALLED_AE, CALLING_AE, PASSWORD, USER, Orthanc, orthanc_fixture  # noqa: F401
+
+from client import cli as client_cli
+from client.check import check_site
+from client.ingest import read_case, scan_site
+from client.pacs import PacsError, cache_dir
+from client.pacs.retrieve import retrieve
+from client.site_config import load_site_config
+from simulation.cli import main as pasta_fed
+from synth.atomic import is_atomic_temp_name
+
+
+@pytest.fixture
+def hospital(tmp_path, w, orthanc):
+    """Two CT series exported to a folder and stored in Orthanc: one whole, one with a slice missing."""
+    images = tmp_path / "export"
+    row, col = w.rotation_z(30)
+    good = w.pydicom_series(images / "good", w.ramp(), row=row, col=col, patient_id="P001")
+    gap = w.pydicom_series(images / "gap", w.ramp(), patient_id="P002", rng=np.random.default_rng(5))
+    gap.files.pop(3).unlink()
+    orthanc.upload([*good.files, *gap.files])
+    assert orthanc.instance_count() == 15
+    (tmp_path / "folder-site").mkdir()
+    folder = load_site_config(w.site_yaml(tmp_path / "folder-site", images))
+    return folder, good, gap
+
+
+def pacs_site(root: Path, orthanc: Orthanc, protocol: str, password: str = PASSWORD):
+    """A site whose CT comes from the PACS only (no data.images)."""
+    root.mkdir(parents=True, exist_ok=True)
+    secret = root / "pacs.json"
+    secret.write_text(json.dumps({"username": USER, "password": password}))
+    pacs = ({"dicomweb": orthanc.dicomweb, "credentials": str(secret)} if protocol == "dicomweb" else
+            {"dimse": {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae": CALLED_AE,
+                       "calling_ae": CALLING_AE}})
+    config = {"site": "hospital-pacs", "pacs": {**pacs, "studies": {"modality": "CT"}},
+              "privacy": {"max_epsilon": 8.0, "delta": 1.0e-5, "max_grad_norm": 1.0},
+              "state_dir": str(root / "state"), "device": "cpu"}
+    (root / "site.yaml").write_text(yaml.safe_dump(config))
+    return load_site_config(root / "site.yaml")
+
+
+def verdicts(config) -> list[tuple]:
+    return [(c.case_id, c.status, c.reason, c.shape, c.spacing, c.hu_min, c.hu_max, c.tasks)
+            for c in check_site(config).cases]
+
+
+def cli_check(config, capsys) -> list[dict]:
+    """`pasta-fed client check --json` on a site YAML: its cases, less where each was read from."""
+    parser = argparse.ArgumentParser(prog="pasta-fed")
+    client_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["client", "check", "--config", str(config.source), "--json"])
+    capsys.readouterr()
+    args.func(args)
+    return [{k: v for k, v in case.items() if k != "source"} for case in json.loads(capsys.readouterr().out)["cases"]]
+
+
+def cache_state(config) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache_dir(config).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_pacs_series_read_like_the_folder_and_are_fetched_once(tmp_path, hospital, orthanc, protocol, caplog,
+                                                               capsys):
+    folder, good, gap = hospital
+    config = pacs_site(tmp_path / "pacs-site", orthanc, protocol)
+    with caplog.at_level(logging.DEBUG):
+        first = retrieve(config)
+    assert (first.series, first.instances, first.fetched, first.cached) == (2, 15, 15, 0)
+    assert PASSWORD not in caplog.text
+    cached = cache_state(config)
+    assert len(cached) == 15 and all(name.endswith(".dcm") for name in cached)
+    assert not config.is_inside_data(cache_dir(config)) and cache_dir(config).parent == config.state_dir
+
+    # same case ids, verdicts (the gap series refused the same way), shapes, spacings and HU ranges
+    assert verdicts(config) == verdicts(folder)
+    assert cli_check(config, capsys) == cli_check(folder, capsys)
+    by_case = {c.case_id: c for c in check_site(config).cases}
+    assert by_case[gap.case_id].status == "error" and "missing slice" in by_case[gap.case_id].reason
+    assert by_case[good.case_id].status == "ok"
+
+    # the same HU voxels and world geometry as the folder's files (and as written)
+    from_pacs = {c.case_id: c for c in scan_site(config).cases}[good.case_id]
+    from_folder = {c.case_id: c for c in scan_site(folder).cases}[good.case_id]
+    assert from_pacs.source == f"pacs/{good.series_uid}"
+    a, b = read_case(from_pacs), read_case(from_folder)
+    np.testing.assert_array_equal(a.hu_array(), b.hu_array())
+    np.testing.assert_allclose(a.hu_array(), good.hu, atol=1e-3)
+    assert (a.origin, a.spacing, a.direction) == (b.origin, b.spacing, b.direction)
+    np.testing.assert_allclose(a.direction, good.direction, atol=1e-6)
+
+    # a second ingestion fetches nothing and leaves every cached file untouched
+    second = retrieve(config)
+    assert (second.fetched, second.cached) == (0, 15)
+    assert cache_state(config) == cached
+
+    # instances lost from the cache are fetched again, and only those
+    lost = sorted(cache_dir(config).glob(f"{good.series_uid}/*.dcm"))[:2]
+    for path in lost:
+        path.unlink()
+    third = retrieve(config)
+    assert (third.fetched, third.cached) == (2, 13)
+    assert verdicts(config) == verdicts(folder)
+
+
+def test_interrupted_retrieval_resumes_without_refetching(tmp_path, hospital, orthanc):
+    folder, good, _ = hospital
+    config = pacs_site(tmp_path / "pacs-site", orthanc, "dicomweb")
+    stored: list[Path] = []
+
+    def stop_after_three(path: Path) -> None:
+        stored.append(path)
+        if len(stored) == 3:
+            raise KeyboardInterrupt          # the operator's Ctrl-C, mid-retrieval
+
+    with pytest.raises(KeyboardInterrupt):
+        retrieve(config, progress=stop_after_three)
+    files = [p for p in cache_dir(config).rglob("*") if p.is_file()]
+    assert sorted(files) == sorted(stored)   # whole instances only: no temp file, no partial one
+    kept = cache_state(config)
+    # what a kill -9 during a write leaves: half an instance under atomic_path's temp name
+    target = stored[0].with_name("1.2.3.4.dcm")
+    half = target.with_name(f".{target.name}.abcd1234{''.join(target.suffixes)}")
+    assert is_atomic_temp_name(half.name)
+    half.write_bytes(stored[0].read_bytes()[:300])
+    os.utime(half, (0, 0))
+
+    resumed = retrieve(config)
+    assert (resumed.fetched, resumed.cached) == (12, 3)
+    assert {k: v for k, v in cache_state(config).items() if k in kept} == kept
+    assert verdicts(config) == verdicts(folder)
+    assert not half.exists()                                    # removed, never read as a slice
+    before = cache_state(config)
+    assert len(before) == 15
+    assert pasta_fed(["client", "fetch", "--config", str(config.source)]) == 0     # the command: nothing left to fetch
+    assert cache_state(config) == before
+
+
+def test_wrong_pacs_password_is_refused_and_never_shown(tmp_path, hospital, orthanc, caplog, capsys):
+    config = pacs_site(tmp_path / "pacs-site", orthanc, "dicomweb", password="wrong-password-123")
+    with caplog.at_level(logging.DEBUG), pytest.raises(PacsError, match="HTTP 401") as err:
+        retrieve(config)
+    assert "wrong-password-123" not in str(err.value) + caplog.text
+    caplog.clear()
+    assert pasta_fed(["client", "fetch", "--config", str(config.source)]) == 1   # says why, not the password
+    err_text = capsys.readouterr().err
+    assert "pasta-fed client fetch: error: DICOMweb http" in err_text and "HTTP 401" in err_text
+    assert "wrong-password-123" not in err_text + caplog.text
+    assert scan_site(config).cases == []
