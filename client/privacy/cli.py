@@ -33,7 +33,8 @@ def _which_delta(summary: dict) -> str:
     if summary["delta"] < summary["site_delta"]:
         return (f"delta {summary['delta']:g}: the coordinator's, stricter than this site's {summary['site_delta']:g}; "
                 f"releases are charged at the stricter one, so the next round is checked at it too")
-    return f"delta {summary['delta']:g}: this site's privacy.delta (every row below is at it too)"
+    rows = " (every row below is at it too)" if summary["history"] else ""
+    return f"delta {summary['delta']:g}: this site's privacy.delta{rows}"
 
 
 def _site(args):
