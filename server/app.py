@@ -19,6 +19,7 @@ from pasta_model.protocol import RoundConfig, arrays_to_heads, heads_to_array_re
 from server.backbone_delivery import ensure_backbone
 from server.report import write_report
 from server.rounds import RoundFailed, SiteBook, run_round
+from server.run_check import check_inputs
 from server.run_state import RunDirectory
 from server.settings import RunSettings, SettingsError
 from server.strategies import build_strategy
@@ -63,6 +64,8 @@ def run_federation(grid: Grid, settings: RunSettings, evaluator: GlobalEvaluator
     if resuming and not settings.resume:
         raise SettingsError(f"run directory {run.root} already holds a run; set resume=true to continue it "
                             f"or choose another run-dir")
+    if not resuming:       # a bad input must not become the stored settings a resume would reuse
+        check_inputs(settings)
     info = run.start(settings.to_dict())
     if resuming:   # the stored settings win: a resumed run continues the same plan
         stored = RunSettings.from_run_config(info["settings"])

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecordValues
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -139,6 +139,7 @@ def run_round(
     new_arrays, agg_train = strategy.aggregate_train(rnd, ok)
     if new_arrays is None:
         raise RoundFailed(f"round {rnd}: the strategy returned no aggregate")
+    new_arrays = _in_dtypes_of(new_arrays, arrays)
     sites: dict[str, dict[str, Any]] = {}
     for m in ok:
         sites[book.name(m.metadata.src_node_id)] = {"node_id": m.metadata.src_node_id, "train": _metrics(m)}
@@ -174,6 +175,16 @@ def run_round(
     log.info("round %d: %d site(s) aggregated (%s), %.1fs%s", rnd, len(ok), ", ".join(sorted(sites)),
              record["seconds"], f"; evaluation refused by {refused}" if refused else "")
     return RoundOutcome(new_arrays, record)
+
+
+def _in_dtypes_of(aggregate: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """The aggregate in the dtypes of the heads sent: FedAdam's server step returns float64, which
+    the sites (and the final checkpoint) refuse as a dtype change."""
+    want = {k: sent[k].numpy().dtype for k in aggregate.keys() if k in sent}
+    if all(aggregate[k].numpy().dtype == dtype for k, dtype in want.items()):
+        return aggregate
+    return ArrayRecord({k: Array(v.numpy().astype(want.get(k, v.numpy().dtype), copy=False))
+                        for k, v in aggregate.items()})
 
 
 def noise_dominated(sites: dict[str, dict[str, Any]]) -> list[str]:

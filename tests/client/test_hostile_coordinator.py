@@ -9,13 +9,12 @@ import csv
 import json
 from pathlib import Path
 
-import dp_accounting
 import numpy as np
 import pytest
 import yaml
 from flower_messages import node_context, query_message, resolve_from_node_config, round_config, round_message
 from hospital_factory import write_hospital, write_pretrained
-from opacus.accountants import RDPAccountant
+from privacy_checks import dp_accounting_epsilon
 
 from client.app import handle_evaluate, handle_query, handle_train
 from client.features import validation_patients
@@ -57,16 +56,9 @@ def _flat(reply) -> np.ndarray:
 
 def _epsilon_from_audit_alone(yaml_path, delta=DELTA) -> float:
     """Google's dp-accounting over every charge in the audit log (Opacus' orders)."""
-    acc = dp_accounting.rdp.RdpAccountant(list(RDPAccountant.DEFAULT_ALPHAS))
-    for rec in _audit(yaml_path):
-        if rec["status"] != "charged":
-            continue
-        m = rec["metrics"]
-        event = dp_accounting.GaussianDpEvent(m["noise-multiplier"])
-        if m["sample-rate"] < 1:
-            event = dp_accounting.PoissonSampledDpEvent(m["sample-rate"], event)
-        acc.compose(event, int(m["steps"]))
-    return acc.get_epsilon(delta)
+    charges = [(r["metrics"]["noise-multiplier"], r["metrics"]["sample-rate"], r["metrics"]["steps"])
+               for r in _audit(yaml_path) if r["status"] == "charged"]
+    return dp_accounting_epsilon(charges, delta)
 
 
 @pytest.fixture(scope="module")

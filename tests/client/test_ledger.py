@@ -12,27 +12,28 @@ from pathlib import Path
 import dp_accounting
 import pytest
 import torch
-from dp_accounting import pld, rdp
-from opacus.accountants import RDPAccountant
+from dp_accounting import pld
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
+from privacy_checks import dp_accounting_epsilon
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy.dp_trainer import private_round
-from client.privacy.ledger import BudgetExceeded, DuplicateRound, PrivacyLedger, epsilon_of, ledger_key, ledger_path
+from client.privacy.ledger import (
+    BudgetExceeded,
+    DuplicateRound,
+    LedgerError,
+    PrivacyLedger,
+    epsilon_of,
+    ledger_key,
+    ledger_path,
+)
 from client.privacy.planning import noise_for_budget, plan_noise, poisson_schedule
 
 REPO = Path(__file__).resolve().parents[2]
 DELTA = 1e-5
 INTEGER_ORDERS = list(range(2, 64))
 SHA = "ab" * 32
-
-
-def dp_accounting_rdp(history, delta, orders=RDPAccountant.DEFAULT_ALPHAS) -> float:
-    acc = rdp.RdpAccountant(orders=orders)
-    for sigma, q, steps in history:
-        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
-    return float(acc.get_epsilon(delta))
 
 
 def dp_accounting_pld(history, delta) -> float:
@@ -59,10 +60,10 @@ def test_ledger_epsilon_agrees_with_dp_accounting_after_reload(tmp_path):
     assert reloaded.history == [(1.0, 0.1, 60), (1.3, 0.25, 40), (0.9, 0.05, 100)]
     # same orders, integer: the two libraries' RDP agree to float precision
     ours = reloaded.accountant().get_epsilon(delta=DELTA, alphas=INTEGER_ORDERS)
-    assert ours == pytest.approx(dp_accounting_rdp(ROUNDS, DELTA, INTEGER_ORDERS), rel=1e-9)
+    assert ours == pytest.approx(dp_accounting_epsilon(ROUNDS, DELTA, INTEGER_ORDERS), rel=1e-9)
     # Opacus' default orders include fractional ones below 2, where dp-accounting's series sometimes
     # does not converge and it drops the order (logging a warning): it can then only be looser.
-    theirs = dp_accounting_rdp(ROUNDS, DELTA)
+    theirs = dp_accounting_epsilon(ROUNDS, DELTA)
     assert theirs * 0.99 <= reloaded.epsilon(DELTA) <= theirs * (1 + 1e-9)
     assert reloaded.entries[-1].epsilon_after == pytest.approx(reloaded.epsilon(DELTA), rel=1e-12)
 
@@ -71,7 +72,7 @@ def test_prv_ledger_agrees_with_dp_accounting_pld(tmp_path):
     ledger = PrivacyLedger.open(tmp_path, "prv-model", mechanism="prv")
     _record(ledger, ROUNDS[:2])
     assert ledger.epsilon(DELTA) == pytest.approx(dp_accounting_pld(ROUNDS[:2], DELTA), rel=5e-3)
-    with pytest.raises(Exception, match="one accountant per model"):
+    with pytest.raises(LedgerError, match="one accountant per model"):
         PrivacyLedger.open(tmp_path, "prv-model", mechanism="rdp")
 
 
@@ -187,7 +188,7 @@ def test_epsilon_after_two_rounds_covers_both(tmp_path):
     assert r2.epsilon > r1.epsilon
     both = [(1.1, 0.2, 20)]
     assert r2.epsilon == pytest.approx(epsilon_of("rdp", both, DELTA), rel=1e-12)
-    assert r2.epsilon == pytest.approx(dp_accounting_rdp(both, DELTA), rel=1e-3)
+    assert r2.epsilon == pytest.approx(dp_accounting_epsilon(both, DELTA), rel=1e-3)
     # the PrivacyEngine stepped the ledger's accountant: its history spans both rounds
     assert r2.accountant.history == [(1.1, 0.2, 20)]
     assert [e.status for e in PrivacyLedger.open(tmp_path, "m").entries] == ["committed", "committed"]
@@ -311,7 +312,7 @@ def test_per_backbone_ledgers_of_earlier_versions_fold_into_one_site_budget(tmp_
     alone = max(a.epsilon(DELTA), b.epsilon(DELTA))
 
     site = PrivacyLedger.open_site(tmp_path)
-    assert site.epsilon(DELTA) == pytest.approx(dp_accounting_rdp(ROUNDS[:2], DELTA), rel=1e-2)
+    assert site.epsilon(DELTA) == pytest.approx(dp_accounting_epsilon(ROUNDS[:2], DELTA), rel=1e-2)
     assert site.epsilon(DELTA) > alone
     assert {e.backbone for e in site.entries} == {ledger_key("a" * 64), ledger_key("b" * 64)}
     assert not list((tmp_path / "privacy").glob("ledger-bb-*.json"))      # retired, not read twice
@@ -325,7 +326,7 @@ def test_commit_refuses_an_accountant_that_does_not_match_and_counts_both(tmp_pa
     acc = res.accountant()
     for _ in range(12):  # the engine took more steps than were reserved
         acc.step(noise_multiplier=1.0, sample_rate=0.1)
-    with pytest.raises(Exception, match="does not match the reserved round"):
+    with pytest.raises(LedgerError, match="does not match the reserved round"):
         ledger.commit(res, acc)
     reloaded = PrivacyLedger.open(tmp_path, "m")
     assert reloaded.history == [(1.0, 0.1, 22)] and reloaded.entries[0].status == "mismatch"

@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import dp_accounting
 import numpy as np
 import pytest
 from hospital_factory import write_hospital, write_pretrained
-from opacus.accountants import RDPAccountant
+from privacy_checks import dp_accounting_epsilon
 from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow
@@ -27,16 +26,6 @@ def _sites(root: Path) -> list[Path]:
 
 def _ledger(site: Path) -> dict:
     return json.loads((site.parent / "state" / "privacy" / "ledger-site.json").read_text())
-
-
-def _independent_epsilon(charges, delta: float) -> float:
-    accountant = dp_accounting.rdp.RdpAccountant(list(RDPAccountant.DEFAULT_ALPHAS))
-    for sigma, q, steps in charges:
-        event = dp_accounting.GaussianDpEvent(sigma)
-        if q < 1:
-            event = dp_accounting.PoissonSampledDpEvent(q, event)
-        accountant.compose(event, int(steps))
-    return float(accountant.get_epsilon(delta))
 
 
 def _cmd(pre: Path, run: Path, sites: list[Path]) -> list[str]:
@@ -102,7 +91,7 @@ def test_sigkill_mid_run_then_resume_runs_each_round_once_and_charges_every_atte
         # Google's dp-accounting over all entries gives the ledger's own final figure
         charges = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
         assert ledger["entries"][-1]["epsilon_after"] == pytest.approx(
-            _independent_epsilon(charges, ledger["entries"][-1]["delta"]), rel=0.02)
+            dp_accounting_epsilon(charges, ledger["entries"][-1]["delta"]), rel=0.02)
 
     # Both runs must finish every round with sane heads (not equal ones: see above).
     final = load_file(str(run / "checkpoints" / f"round-{ROUNDS:03d}.safetensors"))
