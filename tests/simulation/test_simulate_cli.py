@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import dp_accounting
 import pytest
 import yaml
-from dp_accounting import rdp
+from privacy_checks import dp_accounting_epsilon
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
@@ -26,15 +25,6 @@ SMALL = {"simulation": {
 
 def _env(tmp: Path) -> dict:
     return {**os.environ, "PASTA_FED_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-
-
-def _dp_accounting_epsilon(history: list[dict], delta: float) -> float:
-    acc = rdp.RdpAccountant(orders=[1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
-    for h in history:
-        gaussian = dp_accounting.GaussianDpEvent(h["noise_multiplier"])
-        event = dp_accounting.PoissonSampledDpEvent(h["sample_rate"], gaussian)
-        acc.compose(event, int(h["steps"]))
-    return acc.get_epsilon(delta)
 
 
 def test_simulate_killed_after_round_one_resumes_to_an_honest_end(tmp_path: Path):
@@ -87,6 +77,7 @@ def test_simulate_killed_after_round_one_resumes_to_an_honest_end(tmp_path: Path
         assert committed == [1, 2, 3], site.name
         history = [e for e in ledger["entries"]]
         ours = history[-1]["epsilon_after"]
-        theirs = _dp_accounting_epsilon(history, 1e-5)
+        theirs = dp_accounting_epsilon([(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history],
+                                       1e-5)
         assert ours == pytest.approx(theirs, rel=0.02), site.name
         assert ours <= 8.0 + 1e-6
