@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	# a real PACS for tests/client/test_pacs.py (skipped without it): Orthanc and its DICOMweb plugin
-	command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
-	  { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q orthanc orthanc-dicomweb; } || \
-	  echo "Orthanc not installed (PACS tests will skip): apt-get install -y orthanc orthanc-dicomweb"
+	# a real PACS for the PACS tests (Orthanc and its DICOMweb plugin) and dciodvfy (dicom3tools) for
+	# DICOM conformance; the tests skip, saying how to install them, when they are missing
+	command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so && \
+	  command -v dciodvfy >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q orthanc orthanc-dicomweb dicom3tools; } || \
+	  echo "not installed (PACS and DICOM conformance tests will skip): apt-get install -y orthanc orthanc-dicomweb dicom3tools"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -43,14 +43,30 @@ def _checkpoint(args) -> Path:
 
 
 def _predict(args) -> int:
+    from .dicom_results import checked_store_url, store_dicomweb
     from .predict import predict
 
     try:
+        if args.store is not None:
+            checked_store_url(args.store)
+            if not args.image.is_dir():
+                raise ValueError(f"--store sends seg.dcm and sr.dcm, made only for a DICOM series folder, "
+                                 f"not {args.image}")
         report = predict(_checkpoint(args), args.image, args.out, device=args.device)
     except (ValueError, FileNotFoundError) as exc:
         return fail("predict", exc)
     print((Path(args.out) / "report.txt").read_text(encoding="utf-8"), end="")
     print(f"mask: {report['mask']}")
+    for kind, path in report.get("dicom", {}).items():
+        print(f"{kind}: {path}")
+    if args.store is not None:
+        if "skipped" in report["dicom"]:
+            return fail("predict", ValueError(f"--store: nothing to send ({report['dicom']['skipped']})"))
+        try:
+            n = store_dicomweb(args.store, list(report["dicom"].values()), args.store_credentials)
+        except (RuntimeError, ValueError) as exc:   # DicomStoreError; CredentialsError from the login file
+            return fail("predict", exc)
+        print(f"stored: {n} instance(s) to {args.store}")
     return 0
 
 
@@ -99,6 +115,10 @@ def register(subparsers) -> None:
     p.add_argument("--image", type=Path, required=True, help="NIfTI file or DICOM series folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--store", default=None, metavar="DICOMWEB_URL",
+                   help="send seg.dcm and sr.dcm to this PACS by STOW-RS (DICOM series input only)")
+    p.add_argument("--store-credentials", type=Path, default=None, metavar="FILE",
+                   help='JSON {"username", "password"} or {"token"} for --store, as in hospital.yaml')
     p.set_defaults(func=_predict)
 
     p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a dataset")

@@ -17,6 +17,8 @@ import SimpleITK as sitk
 import torch
 from monai.transforms import EnsureChannelFirst, LoadImage, ResampleToMatch
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
 
 from synth.atomic import atomic_path, write_atomic
 from synth.vocabulary import ATTRIBUTES, LESION_TYPE_NAMES, T_STAGES
@@ -31,8 +33,28 @@ from .transforms import build_preprocess, centred_crop, plain
 log = logging.getLogger(__name__)
 
 
+def longest_diameter_mm(component: np.ndarray, spacing) -> float:
+    """Largest distance between two voxel centres of a component (mm): the SR's longest diameter.
+
+    Computed over the convex hull's vertices (exact, cheap); a flat component (one slice) is
+    hulled with joggling, and a tiny or collinear one, where qhull fails, uses all its voxels.
+    """
+    pts = np.argwhere(component) * np.asarray(spacing, dtype=float)
+    if len(pts) < 2:
+        return 0.0
+    for options in ("", "QJ"):
+        try:
+            pts_hull = pts[ConvexHull(pts, qhull_options=options or None).vertices]
+        except (QhullError, ValueError):
+            continue
+        return round(float(pdist(pts_hull).max()), 1)
+    if len(pts) > 5000:   # collinear: argwhere's lexicographic order puts the two ends first and last
+        pts = pts[[0, -1]]
+    return round(float(pdist(pts).max()), 1)
+
+
 def lesion_components(mask: np.ndarray, spacing, min_voxels: int = 1) -> list[dict]:
-    """Connected lesion components, largest first: voxel count, volume (ml), extent (mm), centre."""
+    """Connected lesion components, largest first: voxel count, volume (ml), extent (mm), longest diameter, centre."""
     lab, n = ndimage.label(mask)
     out = []
     sp = np.asarray(spacing, dtype=float)
@@ -44,7 +66,8 @@ def lesion_components(mask: np.ndarray, spacing, min_voxels: int = 1) -> list[di
         extent = [(s.stop - s.start) * float(d) for s, d in zip(sl, sp)]
         centre = [int((s.start + s.stop - 1) // 2) for s in sl]
         out.append({"voxels": nvox, "volume_ml": round(nvox * float(np.prod(sp)) / 1000.0, 3),
-                    "size_mm": [round(e, 1) for e in extent], "center_voxel": centre,
+                    "size_mm": [round(e, 1) for e in extent],
+                    "longest_diameter_mm": longest_diameter_mm(comp, sp), "center_voxel": centre,
                     "bbox_voxel": [[s.start, s.stop - 1] for s in sl]})
     return sorted(out, key=lambda c: -c["voxels"])
 
@@ -138,9 +161,26 @@ def nifti_input(image: Path, workdir: Path) -> tuple[Path, sitk.Image | None]:
     return image, None
 
 
+def dicom_results(folder: Path, sitk_img: sitk.Image, mask_xyz: np.ndarray, report: dict,
+                  out_dir: Path) -> dict[str, str]:
+    """seg.dcm and sr.dcm paths, or {"skipped": why} for a series no DICOM object can reference."""
+    from .dicom_results import DicomResultsUnavailable, write_dicom_results
+
+    try:
+        # nibabel's (x, y, z) to SimpleITK's (z, y, x) = (slice, row, column): frame k of the SEG is slice k
+        return write_dicom_results(folder, sitk_img, np.transpose(mask_xyz, (2, 1, 0)), report, out_dir)
+    except DicomResultsUnavailable as exc:
+        log.warning("predict: no seg.dcm/sr.dcm: %s", exc)
+        return {"skipped": str(exc)}
+
+
 def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, device: str = "auto",
             threshold: float = 0.5) -> dict:
-    """Segment, measure and describe one CT; writes mask.nii.gz, report.json and report.txt to `out_dir`."""
+    """Segment, measure and describe one CT; writes mask.nii.gz, report.json and report.txt to `out_dir`.
+
+    For a DICOM series folder it also writes seg.dcm (DICOM Segmentation) and sr.dcm (TID 1500
+    Structured Report) referencing the source instances, ready to store in the PACS.
+    """
     from .device import select_device
 
     dev = select_device(device)
@@ -197,6 +237,8 @@ def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, d
         "input": str(image), "checkpoint": str(checkpoint), "preset": meta.preset,
         "mask": str(mask_path), "lesions": lesions, "primary_lesion": primary, "detection": detection,
     }
+    if sitk_img is not None:
+        report["dicom"] = dicom_results(image, sitk_img, mask, report, out_dir)
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
     write_atomic(out_dir / "report.txt", report_text(report))
     return report

@@ -9,7 +9,8 @@ from pathlib import Path
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from .credentials import session_with_credentials
+from pasta_model.dicomweb_login import CredentialsError, session_with_credentials
+
 from .types import PacsError, SeriesRef, Store, checked_uid
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,11 @@ def _value(entry: dict, tag: str, what: str) -> str:
 class DicomWebPacs:
     def __init__(self, url: str, credentials: Path | None = None) -> None:
         self.url = url.rstrip("/")
-        self.client = DICOMwebClient(self.url, session=session_with_credentials(credentials), timeout=60)
+        try:
+            session = session_with_credentials(credentials)
+        except CredentialsError as err:
+            raise PacsError(str(err)) from None
+        self.client = DICOMwebClient(self.url, session=session, timeout=60)
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:

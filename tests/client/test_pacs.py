@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from orthanc import CALLED_AE, CALLING_AE, PASSWORD, USER, Orthanc, orthanc_fixture  # noqa: F401
+from orthanc_pacs import CALLED_AE, CALLING_AE, PASSWORD, USER, Orthanc, orthanc_fixture  # noqa: F401
 
 from client import cli as client_cli
 from client.check import check_site

@@ -1,4 +1,5 @@
-"""The PACS login, read from the file the site YAML names; its contents are never logged.
+"""A DICOMweb login, read from a file (the site YAML's pacs.credentials, predict's
+--store-credentials); its contents are never logged.
 
 The file is JSON: {"username": ..., "password": ...} (HTTP basic) or {"token": ...}
 (bearer). Messages name the file and the missing key, never a value.
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import requests
 
-from .types import PacsError
+
+class CredentialsError(ValueError):
+    """The credentials file cannot be used; names the file and the problem, never a value."""
 
 
 def session_with_credentials(path: Path | None) -> requests.Session:
@@ -21,13 +24,13 @@ def session_with_credentials(path: Path | None) -> requests.Session:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise PacsError(f"{path}: cannot read the PACS credentials ({type(err).__name__})") from None
+        raise CredentialsError(f"{path}: cannot read the PACS credentials ({type(err).__name__})") from None
     if not isinstance(raw, dict):
-        raise PacsError(f"{path}: PACS credentials must be a JSON object")
+        raise CredentialsError(f"{path}: PACS credentials must be a JSON object")
     if isinstance(raw.get("token"), str):
         session.headers["Authorization"] = f"Bearer {raw['token']}"
     elif isinstance(raw.get("username"), str) and isinstance(raw.get("password"), str):
         session.auth = (raw["username"], raw["password"])
     else:
-        raise PacsError(f"{path}: PACS credentials need string keys username and password, or token")
+        raise CredentialsError(f"{path}: PACS credentials need string keys username and password, or token")
     return session
