@@ -42,10 +42,28 @@ def _checkpoint(args) -> Path:
     return path
 
 
+def _predict_batch(args) -> int:
+    from .predict import predict_batch
+
+    try:
+        outcome = predict_batch(_checkpoint(args), args.batch, args.out, device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        return fail("predict", exc)
+    failed = {name: why for name, why in outcome.items() if why != "ok"}
+    print(f"predicted {len(outcome) - len(failed)} of {len(outcome)} CT(s) into {args.out} (batch.json)")
+    for name, why in failed.items():
+        print(f"  {name}: {why}")
+    return fail("predict", f"{len(failed)} CT(s) could not be read (see above)") if failed else 0
+
+
 def _predict(args) -> int:
     from .dicom_results import checked_store_url, store_dicomweb
     from .predict import predict
 
+    if args.batch is not None:
+        if args.store is not None:
+            return fail("predict", "--store takes one series (--image), not --batch")
+        return _predict_batch(args)
     try:
         if args.store is not None:
             checked_store_url(args.store)
@@ -110,9 +128,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_pretrain)
 
-    p = subparsers.add_parser("predict", help="lesion mask and structured report for one CT")
+    p = subparsers.add_parser("predict", help="lesion mask and structured report for one CT (or a batch)")
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model (pasta-fed model info)")
-    p.add_argument("--image", type=Path, required=True, help="NIfTI file or DICOM series folder")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", type=Path, help="NIfTI file or DICOM series folder")
+    inputs.add_argument("--batch", type=Path, metavar="DIR",
+                        help="every NIfTI file and series sub-folder of DIR, the model loaded once, into OUT/<name>/")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--store", default=None, metavar="DICOMWEB_URL",

@@ -174,71 +174,113 @@ def dicom_results(folder: Path, sitk_img: sitk.Image, mask_xyz: np.ndarray, repo
         return {"skipped": str(exc)}
 
 
-def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, device: str = "auto",
-            threshold: float = 0.5) -> dict:
-    """Segment, measure and describe one CT; writes mask.nii.gz, report.json and report.txt to `out_dir`.
+def _write_mask(path: Path, mask: np.ndarray, nii: Path, sitk_img: sitk.Image | None) -> None:
+    """The mask on the input's own grid: the DICOM series' geometry, or the NIfTI's header."""
+    with atomic_path(path) as tmp_mask:
+        if sitk_img is not None:
+            # the DICOM grid: transpose nibabel's (x, y, z) back to SimpleITK's (z, y, x) array order
+            m = sitk.GetImageFromArray(np.transpose(mask, (2, 1, 0)).copy())
+            m.CopyInformation(sitk_img)
+            sitk.WriteImage(m, str(tmp_mask))
+            return
+        ref = nib.load(str(nii))
+        hdr = ref.header.copy()
+        hdr.set_data_dtype(np.uint8)
+        out_img = nib.Nifti1Image(mask, ref.affine, hdr)
+        out_img.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+        out_img.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+        nib.save(out_img, str(tmp_mask))
 
-    For a DICOM series folder it also writes seg.dcm (DICOM Segmentation) and sr.dcm (TID 1500
-    Structured Report) referencing the source instances, ready to store in the PACS.
-    """
-    from .device import select_device
 
-    dev = select_device(device)
-    image, out_dir = Path(image), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = load_checkpoint(checkpoint, device=dev)
-    model.eval()
-    log.info("predict: reading %s", image)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        nii, sitk_img = nifti_input(image, Path(tmp))
-        pre = build_preprocess(model.preset, mask_keys=())
-        d = pre({"image": str(nii)})
-        img = d["image"]
-        log.info("predict: segmenting a %s volume on %s (preset %s)", "x".join(map(str, img.shape[1:])), dev,
-                 meta.preset)
-        prob = segment_volume(model, img, dev) if "segment" in model.heads else torch.zeros(img.shape[1:])
-        # back to the input grid: resample the probability (bilinear), then threshold
+class Predictor:
+    """One loaded model for many CTs: a batch loads the checkpoint once."""
+
+    def __init__(self, checkpoint: str | Path, *, device: str = "auto", threshold: float = 0.5):
+        from .device import select_device
+
+        self.checkpoint, self.threshold = checkpoint, threshold
+        self.device = select_device(device)
+        self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
+        self.model.eval()
+        self.preprocess = build_preprocess(self.model.preset, mask_keys=())
+
+    def _mask_on_input_grid(self, prob: torch.Tensor, img, nii: Path) -> np.ndarray:
+        """Resample the probability back to the input grid (bilinear), then threshold."""
         original = EnsureChannelFirst()(LoadImage(image_only=True)(str(nii)))
         prob_mt = img.clone()
         prob_mt.array = prob[None]
         back = ResampleToMatch(mode="bilinear", padding_mode="zeros")(prob_mt, original)
-        mask = (np.asarray(back[0]) > threshold).astype(np.uint8)
+        return (np.asarray(back[0]) > self.threshold).astype(np.uint8)
 
-        # lesion sizes from the mask in the input's own geometry
-        ref = nib.load(str(nii))
-        spacing = ref.header.get_zooms()[:3]
-        lesions = lesion_components(mask, spacing)
-
+    def _describe(self, prob: torch.Tensor, img, lesions: list[dict]) -> tuple[dict, dict]:
+        """The primary lesion's attributes (from the largest predicted component) and detection."""
+        model, dev = self.model, self.device
         primary = {}
         if lesions:
-            pred_pp = (prob > threshold).numpy()
-            comps = lesion_components(pred_pp, [model.preset.spacing_mm] * 3)
+            comps = lesion_components((prob > self.threshold).numpy(), [model.preset.spacing_mm] * 3)
             if comps:
                 primary = classify_crop(model, img, comps[0]["center_voxel"], dev)
         log.info("predict: %d lesion(s) found; describing and detecting", len(lesions))
         detection = detect_volume(model, img, dev) if "detect" in model.heads else {}
+        return primary, detection
 
-        mask_path = out_dir / "mask.nii.gz"
-        with atomic_path(mask_path) as tmp_mask:
-            if sitk_img is not None:
-                # the DICOM grid: transpose nibabel's (x, y, z) back to SimpleITK's (z, y, x) array order
-                m = sitk.GetImageFromArray(np.transpose(mask, (2, 1, 0)).copy())
-                m.CopyInformation(sitk_img)
-                sitk.WriteImage(m, str(tmp_mask))
-            else:
-                hdr = ref.header.copy()
-                hdr.set_data_dtype(np.uint8)
-                out_img = nib.Nifti1Image(mask, ref.affine, hdr)
-                out_img.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
-                out_img.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
-                nib.save(out_img, str(tmp_mask))
+    def predict(self, image: str | Path, out_dir: str | Path) -> dict:
+        """Segment, measure and describe one CT; writes mask.nii.gz, report.json and report.txt to
+        `out_dir`, and for a DICOM series folder seg.dcm and sr.dcm referencing the source instances."""
+        model, image, out_dir = self.model, Path(image), Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("predict: reading %s", image)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            nii, sitk_img = nifti_input(image, Path(tmp))
+            img = self.preprocess({"image": str(nii)})["image"]
+            log.info("predict: segmenting a %s volume on %s (preset %s)", "x".join(map(str, img.shape[1:])),
+                     self.device, self.meta.preset)
+            prob = (segment_volume(model, img, self.device) if "segment" in model.heads
+                    else torch.zeros(img.shape[1:]))
+            mask = self._mask_on_input_grid(prob, img, nii)
+            lesions = lesion_components(mask, nib.load(str(nii)).header.get_zooms()[:3])   # the input's geometry
+            primary, detection = self._describe(prob, img, lesions)
+            mask_path = out_dir / "mask.nii.gz"
+            _write_mask(mask_path, mask, nii, sitk_img)
+        report = {"input": str(image), "checkpoint": str(self.checkpoint), "preset": self.meta.preset,
+                  "mask": str(mask_path), "lesions": lesions, "primary_lesion": primary, "detection": detection}
+        if sitk_img is not None:
+            report["dicom"] = dicom_results(image, sitk_img, mask, report, out_dir)
+        write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+        write_atomic(out_dir / "report.txt", report_text(report))
+        return report
 
-    report = {
-        "input": str(image), "checkpoint": str(checkpoint), "preset": meta.preset,
-        "mask": str(mask_path), "lesions": lesions, "primary_lesion": primary, "detection": detection,
-    }
-    if sitk_img is not None:
-        report["dicom"] = dicom_results(image, sitk_img, mask, report, out_dir)
-    write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
-    write_atomic(out_dir / "report.txt", report_text(report))
-    return report
+
+def predict(checkpoint: str | Path, image: str | Path, out_dir: str | Path, *, device: str = "auto",
+            threshold: float = 0.5) -> dict:
+    """One CT: `Predictor(checkpoint).predict(image, out_dir)`."""
+    return Predictor(checkpoint, device=device, threshold=threshold).predict(image, out_dir)
+
+
+def batch_inputs(folder: Path) -> list[Path]:
+    """The CTs of a batch folder: each NIfTI file and each sub-folder (a DICOM series)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() or p.name.endswith((".nii", ".nii.gz")))
+
+
+def predict_batch(checkpoint: str | Path, folder: str | Path, out_root: str | Path, *,
+                  device: str = "auto") -> dict[str, str]:
+    """Every CT of `folder` into `out_root/<its name>/`, the model loaded once; a CT that cannot be
+    read is named with its problem and the others go on. Returns {input name: "ok" | problem}."""
+    from tqdm import tqdm
+
+    inputs = batch_inputs(Path(folder))
+    predictor = Predictor(checkpoint, device=device)
+    outcome: dict[str, str] = {}
+    for image in tqdm(inputs, desc="predict", unit="CT"):
+        name = image.name.removesuffix(".gz").removesuffix(".nii")
+        try:
+            predictor.predict(image, Path(out_root) / name)
+            outcome[image.name] = "ok"
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            log.error("predict: %s: %s", image, exc)
+            outcome[image.name] = str(exc)
+    write_atomic(Path(out_root) / "batch.json", json.dumps(outcome, indent=2))
+    return outcome

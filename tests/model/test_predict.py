@@ -118,6 +118,39 @@ def test_predict_names_a_missing_input(setup, tmp_path, capsys):
     assert "nope.nii.gz" in capsys.readouterr().err
 
 
+def test_a_batch_loads_the_model_once_and_goes_on_past_a_broken_ct(setup, tmp_path, capsys, monkeypatch):
+    """Every NIfTI and series sub-folder of the batch folder gets its own results; a series with a
+    missing slice is named with its problem (exit 2) while the others are predicted."""
+    import shutil
+
+    import pasta_model.predict as predict_mod
+    _, ckpt, records = setup
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for rec in records[:2]:
+        shutil.copy(rec.img, batch / f"{rec.img.parent.name}.nii.gz")
+    ct = sitk.Cast(sitk.ReadImage(str(records[1].img)), sitk.sitkInt16)
+    _write_dicom_series(ct, batch / "series-good")
+    _write_dicom_series(ct, batch / "series-gap")
+    (batch / "series-gap" / f"{ct.GetDepth() // 2:04d}.dcm").unlink()
+    loads = []
+    real_load = predict_mod.load_checkpoint
+    monkeypatch.setattr(predict_mod, "load_checkpoint", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    out = tmp_path / "out"
+    assert cli_main(["predict", "--checkpoint", str(ckpt), "--batch", str(batch), "--out", str(out)]) == 2
+    assert len(loads) == 1
+    outcome = json.loads((out / "batch.json").read_text())
+    assert sorted(name for name, why in outcome.items() if why == "ok") == sorted(
+        [f"{r.img.parent.name}.nii.gz" for r in records[:2]] + ["series-good"])
+    assert "missing slice" in outcome["series-gap"]
+    for name in (records[0].img.parent.name, "series-good"):
+        assert (out / name / "mask.nii.gz").exists() and (out / name / "report.json").exists()
+    assert not (out / "series-gap" / "mask.nii.gz").exists()
+    printed = capsys.readouterr()
+    assert "predicted 3 of 4 CT(s)" in printed.out and "series-gap: " in printed.out
+    assert "pasta-fed predict: error: 1 CT(s) could not be read" in printed.err
+
+
 def test_lesion_components_measure_volume_and_extent():
     m = np.zeros((20, 20, 20), np.uint8)
     m[2:6, 2:4, 2:3] = 1          # 4x2x1 = 8 voxels
