@@ -89,8 +89,14 @@ class DimseConfig:
 
 @dataclass(frozen=True, config=STRICT)
 class StudyQuery:
-    """Which series to retrieve: the PACS is queried for this modality only."""
+    """Which series to retrieve: the PACS is queried for this modality only.
+
+    With `from_labels: true`, only the studies the labels CSV names (its study_instance_uid
+    and/or accession_number columns) are retrieved, so a PACS holding far more than the
+    cohort is never copied whole; checked against data.labels when retrieval starts.
+    """
     modality: Annotated[str, one_of(("CT",))] = "CT"
+    from_labels: bool = False
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -20,7 +20,8 @@ from .types import IngestError
 
 log = logging.getLogger(__name__)
 
-ID_COLUMNS = ("case_id", "patient_id", "series_uid")
+# study_instance_uid and accession_number select the studies a PACS-backed site fetches (client/pacs)
+ID_COLUMNS = ("case_id", "patient_id", "series_uid", "study_instance_uid", "accession_number")
 TASK_COLUMNS = ("tumor_present", "organ", "t_stage", "survival_months", "survival_event",
                 *ATTRIBUTES, "lesion_type")
 _TRUE = {"1", "true", "yes", "y"}

@@ -30,6 +30,8 @@ def run_fetch(args: argparse.Namespace) -> int:
     except PacsError as err:
         return fail("client fetch", err, FAILED)
     print(f"{report.series} series, {report.instances} instances in {report.cache} ({report.fetched} fetched now)")
+    if report.unmatched:
+        print(f"{report.unmatched} study(ies) named in the labels are not on the PACS (see the log)")
     return 0
 
 

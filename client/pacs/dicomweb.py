@@ -1,4 +1,4 @@
-"""A PACS over DICOMweb: QIDO-RS lists CT series and instances, WADO-RS retrieves each instance."""
+"""A PACS over DICOMweb: QIDO-RS lists studies, CT series and instances, WADO-RS retrieves each instance."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +15,7 @@ from .types import PacsError, SeriesRef, Store, checked_uid
 
 log = logging.getLogger(__name__)
 
-_STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
+_STUDY, _SERIES, _SOP, _ACCESSION = "0020000D", "0020000E", "00080018", "00080050"
 # the instance as stored (no transcoding by the PACS, which could be lossy)
 _AS_STORED = (("application/dicom", "*"),)
 
@@ -45,11 +45,22 @@ class DicomWebPacs:
         except requests.RequestException as err:
             raise PacsError(f"DICOMweb {self.url}: {doing} failed: {type(err).__name__}") from None
 
-    def find_series(self, modality: str) -> list[SeriesRef]:
+    def find_series(self, modality: str, study_uid: str | None = None) -> list[SeriesRef]:
+        """The modality's series of every study, or of `study_uid` only."""
         with self._errors("QIDO-RS series search"):
-            found = self.client.search_for_series(search_filters={"Modality": modality}, get_remaining=True)
-        return [SeriesRef(_value(e, _STUDY, "StudyInstanceUID"), _value(e, _SERIES, "SeriesInstanceUID"))
-                for e in found]
+            found = self.client.search_for_series(study_uid, search_filters={"Modality": modality},
+                                                  get_remaining=True)
+        refs = [SeriesRef(_value(e, _STUDY, "StudyInstanceUID") if _STUDY in e else study_uid,
+                          _value(e, _SERIES, "SeriesInstanceUID")) for e in found]
+        return [ref for ref in refs if study_uid is None or ref.study_uid == study_uid]
+
+    def find_studies(self, accession_number: str) -> list[str]:
+        """StudyInstanceUIDs whose AccessionNumber is exactly this one (the PACS may match loosely)."""
+        with self._errors("QIDO-RS study search by accession number"):
+            found = self.client.search_for_studies(search_filters={"AccessionNumber": accession_number},
+                                                   get_remaining=True)
+        return [_value(e, _STUDY, "StudyInstanceUID") for e in found
+                if (e.get(_ACCESSION, {}).get("Value") or [""])[0] == accession_number]
 
     def find_instances(self, series: SeriesRef) -> list[str]:
         with self._errors(f"QIDO-RS instance search of series {series.series_uid}"):

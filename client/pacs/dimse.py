@@ -63,16 +63,26 @@ class DimsePacs:
                 found.append(identifier)
         return found
 
-    def find_series(self, modality: str) -> list[SeriesRef]:
-        """Studies holding the modality, then their series of it (one association for all)."""
+    def find_series(self, modality: str, study_uid: str | None = None) -> list[SeriesRef]:
+        """Studies holding the modality (or `study_uid` only), then their series of it (one association)."""
         series = []
         with self._association() as assoc:
-            for study in self._find(assoc, _query("STUDY", StudyInstanceUID="", ModalitiesInStudy=modality)):
-                study_uid = checked_uid(study.get("StudyInstanceUID"), "StudyInstanceUID")
-                query = _query("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality=modality)
-                series += [SeriesRef(study_uid, checked_uid(found.get("SeriesInstanceUID"), "SeriesInstanceUID"))
+            studies = ([study_uid] if study_uid is not None else
+                       [checked_uid(study.get("StudyInstanceUID"), "StudyInstanceUID") for study in
+                        self._find(assoc, _query("STUDY", StudyInstanceUID="", ModalitiesInStudy=modality))])
+            for uid in studies:
+                query = _query("SERIES", StudyInstanceUID=uid, SeriesInstanceUID="", Modality=modality)
+                series += [SeriesRef(uid, checked_uid(found.get("SeriesInstanceUID"), "SeriesInstanceUID"))
                            for found in self._find(assoc, query)]
         return series
+
+    def find_studies(self, accession_number: str) -> list[str]:
+        """StudyInstanceUIDs whose AccessionNumber is exactly this one (the PACS may match loosely)."""
+        query = _query("STUDY", StudyInstanceUID="", AccessionNumber=accession_number)
+        with self._association() as assoc:
+            found = self._find(assoc, query)
+        return [checked_uid(f.get("StudyInstanceUID"), "StudyInstanceUID") for f in found
+                if str(f.get("AccessionNumber", "")) == accession_number]
 
     def find_instances(self, series: SeriesRef) -> list[str]:
         query = _query("IMAGE", StudyInstanceUID=series.study_uid, SeriesInstanceUID=series.series_uid,

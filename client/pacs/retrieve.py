@@ -9,6 +9,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from .cache import InstanceCache, cache_dir
+from .selection import StudySelection, selection_for
 from .types import Pacs, PacsError, SeriesRef
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ class RetrievalReport:
     cached: int = 0          # already in the cache before this run (not fetched again)
     fetched: int = 0         # retrieved by this run
     cache: Path | None = None
+    unmatched: int = 0       # studies the labels CSV names (from_labels) that the PACS does not hold
 
 
 def connect(config) -> Pacs:
@@ -37,16 +39,17 @@ def connect(config) -> Pacs:
 
 
 def retrieve(config, progress: Callable[[Path], None] | None = None, pacs: Pacs | None = None) -> RetrievalReport:
-    """List the CT series on the PACS and fetch every instance not cached yet.
+    """List the CT series on the PACS (of the labels' studies with from_labels) and fetch what is not cached.
 
     `progress` is called with each newly cached file (after its rename); if it raises,
     retrieval stops there and the next run resumes from the cache.
     """
+    selection = selection_for(config)      # a labels CSV that cannot select fails before the PACS is asked
     pacs = pacs or connect(config)
     cache = InstanceCache(cache_dir(config))
     report = RetrievalReport(cache=cache.root)
-    all_series = pacs.find_series(config.pacs.studies.modality)
-    log.info("PACS lists %d %s series", len(all_series), config.pacs.studies.modality)
+    all_series = _wanted_series(pacs, config.pacs.studies.modality, selection, report)
+    log.info("PACS lists %d %s series to retrieve", len(all_series), config.pacs.studies.modality)
     for number, series in enumerate(all_series, 1):
         sop_uids = pacs.find_instances(series)
         missing = cache.missing(series, sop_uids)
@@ -61,6 +64,28 @@ def retrieve(config, progress: Callable[[Path], None] | None = None, pacs: Pacs 
     log.info("PACS retrieval done: %d series, %d instances, %d fetched, %d already cached in %s",
              report.series, report.instances, report.fetched, report.cached, cache.root)
     return report
+
+
+def _wanted_series(pacs: Pacs, modality: str, selection: StudySelection | None,
+                   report: RetrievalReport) -> list[SeriesRef]:
+    """Every series of the modality, or only those of the studies the labels name (each study once)."""
+    if selection is None:
+        return pacs.find_series(modality)
+    study_uids = set(selection.study_uids)
+    for accession in sorted(selection.accession_numbers):
+        found = pacs.find_studies(accession)
+        if not found:
+            report.unmatched += 1
+            log.warning("the PACS holds no study with accession number %s (named in the labels)", accession)
+        study_uids.update(found)
+    series = []
+    for study_uid in sorted(study_uids):
+        found = pacs.find_series(modality, study_uid)
+        if not found and study_uid in selection.study_uids:
+            report.unmatched += 1
+            log.warning("the PACS holds no %s series of study %s (named in the labels)", modality, study_uid)
+        series += found
+    return series
 
 
 def _fetch(pacs: Pacs, cache: InstanceCache, series: SeriesRef, missing: list[str], *, whole: bool,

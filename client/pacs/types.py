@@ -33,9 +33,11 @@ Store = Callable[[Dataset], None]
 
 
 class Pacs(Protocol):
-    """One connection to a PACS: list CT series and their instances, retrieve instances."""
+    """One connection to a PACS: list CT series (of all studies or one), find studies by accession, retrieve."""
 
-    def find_series(self, modality: str) -> list[SeriesRef]: ...
+    def find_series(self, modality: str, study_uid: str | None = None) -> list[SeriesRef]: ...
+
+    def find_studies(self, accession_number: str) -> list[str]: ...
 
     def find_instances(self, series: SeriesRef) -> list[str]: ...
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from orthanc_pacs import CALLED_AE, CALLING_AE, PASSWORD, USER, Orthanc, orthanc_fixture  # noqa: F401
+from pydicom import dcmread
 
 from client import cli as client_cli
 from client.check import check_site
@@ -37,7 +38,8 @@ def hospital(tmp_path, w, orthanc):
     return folder, good, gap
 
 
-def pacs_site(root: Path, orthanc: Orthanc, protocol: str, password: str = PASSWORD):
+def pacs_site(root: Path, orthanc: Orthanc, protocol: str, password: str = PASSWORD, *,
+              labels: Path | None = None, studies: dict | None = None):
     """A site whose CT comes from the PACS only (no data.images)."""
     root.mkdir(parents=True, exist_ok=True)
     secret = root / "pacs.json"
@@ -45,7 +47,8 @@ def pacs_site(root: Path, orthanc: Orthanc, protocol: str, password: str = PASSW
     pacs = ({"dicomweb": orthanc.dicomweb, "credentials": str(secret)} if protocol == "dicomweb" else
             {"dimse": {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae": CALLED_AE,
                        "calling_ae": CALLING_AE}})
-    config = {"site": "hospital-pacs", "pacs": {**pacs, "studies": {"modality": "CT"}},
+    config = {"site": "hospital-pacs", "pacs": {**pacs, "studies": studies or {"modality": "CT"}},
+              **({"data": {"labels": str(labels)}} if labels else {}),
               "privacy": {"max_epsilon": 8.0, "delta": 1.0e-5, "max_grad_norm": 1.0},
               "state_dir": str(root / "state"), "device": "cpu"}
     (root / "site.yaml").write_text(yaml.safe_dump(config))
@@ -159,3 +162,60 @@ def test_wrong_pacs_password_is_refused_and_never_shown(tmp_path, hospital, orth
     assert "pasta-fed client fetch: error: DICOMweb http" in err_text and "HTTP 401" in err_text
     assert "wrong-password-123" not in err_text + caplog.text
     assert scan_site(config).cases == []
+
+
+def _file_as_study(files: list[Path], study_uid: str | None, accession: str) -> str:
+    """Rewrite a written series into a study of our choosing, with an accession number."""
+    for path in files:
+        ds = dcmread(path)
+        ds.StudyInstanceUID = study_uid or ds.StudyInstanceUID
+        ds.AccessionNumber = accession
+        ds.save_as(path, enforce_file_format=True)
+    return str(ds.StudyInstanceUID)
+
+
+@pytest.fixture
+def three_studies(tmp_path, w, orthanc):
+    """Studies A (one series), B (two series, accession ACC-B) and C (accession ACC-C) in Orthanc."""
+    root = tmp_path / "export"
+    a, b1, b2, c = (w.pydicom_series(root / name, w.ramp(), patient_id=patient, rng=np.random.default_rng(k))
+                    for k, (name, patient) in enumerate((("a", "P0"), ("b1", "P1"), ("b2", "P1"), ("c", "P3"))))
+    study_a = _file_as_study(a.files, None, "ACC-A")
+    study_b = _file_as_study(b1.files, None, "ACC-B")
+    _file_as_study(b2.files, study_b, "ACC-B")
+    _file_as_study(c.files, None, "ACC-C")
+    orthanc.upload([*a.files, *b1.files, *b2.files, *c.files])
+    assert len(orthanc.rest("GET", "/studies").json()) == 3
+    return study_a, (a, b1, b2, c)
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_from_labels_fetches_only_the_studies_the_csv_names(tmp_path, three_studies, orthanc, protocol, caplog):
+    study_a, (a, b1, b2, c) = three_studies
+    labels = tmp_path / "labels.csv"
+    labels.write_text("case_id,patient_id,study_instance_uid,accession_number,tumor_present\n"
+                      f"case-a,P0,{study_a},,yes\n"        # by StudyInstanceUID
+                      "case-b,P1,,ACC-B,no\n"                # by AccessionNumber: both its series
+                      "case-x,P9,,ACC-NOT-THERE,no\n"        # on no study of this PACS
+                      "case-w,P8,,*,no\n"                    # a wildcard would match every study: refused
+                      "case-n,P7,,,no\n")                    # names no study
+    config = pacs_site(tmp_path / "pacs-site", orthanc, protocol, labels=labels,
+                       studies={"modality": "CT", "from_labels": True})
+    with caplog.at_level(logging.INFO):
+        report = retrieve(config)
+    fetched = {p.name for p in cache_dir(config).iterdir()}
+    assert fetched == {a.series_uid, b1.series_uid, b2.series_uid}       # never study C's
+    assert (report.series, report.instances, report.fetched, report.unmatched) == (3, 24, 24, 1)
+    assert "line 5: accession_number '*' is not one" in caplog.text
+    assert "ACC-NOT-THERE" in caplog.text
+    assert {c.source for c in scan_site(config).cases} == {f"pacs/{s.series_uid}" for s in (a, b1, b2)}
+
+
+def test_from_labels_needs_a_study_column(tmp_path, orthanc):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("case_id,patient_id,tumor_present\ncase-a,P0,yes\n")
+    config = pacs_site(tmp_path / "pacs-site", orthanc, "dicomweb", labels=labels,
+                       studies={"from_labels": True})
+    with pytest.raises(PacsError, match="from_labels needs a study_instance_uid or accession_number column"):
+        retrieve(config)
+    assert not cache_dir(config).exists()          # refused before the PACS was asked or the cache made

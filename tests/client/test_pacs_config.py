@@ -33,6 +33,13 @@ def test_a_pacs_may_replace_the_images_folder(tmp_path, site):
     assert config.pacs.studies.modality == "CT"
 
 
+def test_studies_from_labels_is_off_unless_asked(tmp_path, site):
+    assert _load(tmp_path, site).pacs.studies.from_labels is False
+    site["pacs"]["studies"] = {"from_labels": True}
+    studies = _load(tmp_path, site).pacs.studies
+    assert (studies.from_labels, studies.modality) == (True, "CT")
+
+
 def test_dimse_and_a_pacs_beside_the_folder(tmp_path, site):
     (tmp_path / "ct").mkdir()
     site["data"] = {"images": "ct"}
@@ -52,6 +59,7 @@ def test_dimse_and_a_pacs_beside_the_folder(tmp_path, site):
     (lambda c: c["pacs"].update(credentials="missing.json"), "pacs.credentials: file not found"),
     (lambda c: c["pacs"].update(studies={"modality": "MR"}), "pacs.studies.modality: must be one of CT"),
     (lambda c: c["pacs"].update(studies={"accession": "1"}), "pacs.studies.accession: unknown key"),
+    (lambda c: c["pacs"].update(studies={"from_labels": "yes"}), "pacs.studies.from_labels: must be"),
     (lambda c: c["pacs"].update(wado="x"), "pacs.wado: unknown key (valid keys: credentials, dicomweb, dimse,"),
     (lambda c: c.update(pacs={"dimse": {"host": "h", "port": "104", "called_ae": "A"}}),
      "pacs.dimse.port: must be an integer, got '104'"),
