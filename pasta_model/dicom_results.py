@@ -89,9 +89,23 @@ def series_datasets(folder: str | Path, image: sitk.Image) -> list[pydicom.Datas
     for k, header in enumerate(ordered):
         if not np.allclose(header.position, image.TransformIndexToPhysicalPoint((0, 0, k)), atol=POSITION_TOL_MM):
             raise DicomSeriesError(f"{folder}: slice {k} ({header.path.name}) is not where the image puts it")
-    sources = [pydicom.dcmread(h.path, stop_before_pixels=True) for h in ordered]
+    sources = [with_type2_patient_study(pydicom.dcmread(h.path, stop_before_pixels=True)) for h in ordered]
     check_sources(folder, sources)
     return sources
+
+
+# Type 2 attributes of the Patient and General Study modules: a SEG and an SR copy them from
+# their sources, and must carry them even where a modality or an export left them out.
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                       "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def with_type2_patient_study(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """`ds` (in memory only) with each missing Type 2 patient/study attribute present and empty."""
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
 
 
 # ---------------------------------------------------------------- segmentation

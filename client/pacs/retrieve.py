@@ -66,6 +66,21 @@ def retrieve(config, progress: Callable[[Path], None] | None = None, pacs: Pacs 
     return report
 
 
+def retrieve_series(config, series: SeriesRef, pacs: Pacs | None = None) -> Path:
+    """One series into the cache (what is not cached yet); returns its folder there."""
+    pacs = pacs or connect(config)
+    cache = InstanceCache(cache_dir(config))
+    sop_uids = pacs.find_instances(series)
+    if not sop_uids:
+        raise PacsError(f"the PACS holds no instance of series {series.series_uid} in study {series.study_uid}")
+    missing = cache.missing(series, sop_uids)
+    log.info("series %s: %d instances, fetching %d", series.series_uid, len(sop_uids), len(missing))
+    if missing:
+        _fetch(pacs, cache, series, missing, whole=len(missing) == len(sop_uids),
+               report=RetrievalReport(cache=cache.root), progress=None)
+    return cache.root / series.series_uid
+
+
 def _wanted_series(pacs: Pacs, modality: str, selection: StudySelection | None,
                    report: RetrievalReport) -> list[SeriesRef]:
     """Every series of the modality, or only those of the studies the labels name (each study once)."""

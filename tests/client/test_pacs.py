@@ -219,3 +219,37 @@ def test_from_labels_needs_a_study_column(tmp_path, orthanc):
     with pytest.raises(PacsError, match="from_labels needs a study_instance_uid or accession_number column"):
         retrieve(config)
     assert not cache_dir(config).exists()          # refused before the PACS was asked or the cache made
+
+
+def test_predict_a_pacs_series_and_store_its_seg_and_sr_back(tmp_path, w, orthanc, capsys):
+    """`client predict --store`: the series is fetched into the site's cache, predicted, and its SEG
+    and SR land in the same PACS, the SEG referencing every source instance."""
+    import pydicom
+
+    from pasta_model.checkpoint import save_checkpoint
+    from pasta_model.network import build_model
+
+    ct = np.random.default_rng(3).normal(2100, 60, (24, 64, 64)).astype(np.int16)   # 40 HU soft tissue
+    good = w.pydicom_series(tmp_path / "export" / "ct", ct, spacing=(3.0, 3.0, 3.0))
+    other = w.pydicom_series(tmp_path / "export" / "other", w.ramp(), patient_id="P002")
+    orthanc.upload([*good.files, *other.files])
+    config = pacs_site(tmp_path / "pacs-site", orthanc, "dicomweb")
+    first = pydicom.dcmread(good.files[0])
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, build_model("tiny"))
+    before = orthanc.instance_count()
+    out = tmp_path / "pred"
+    assert pasta_fed(["client", "predict", "--config", str(config.source), "--study-uid", first.StudyInstanceUID,
+                      "--series-uid", first.SeriesInstanceUID, "--out", str(out), "--checkpoint", str(ckpt),
+                      "--store"]) == 0, capsys.readouterr().err
+    assert "stored: 2 instance(s) to DICOMweb" in capsys.readouterr().out
+    assert orthanc.instance_count() == before + 2
+    assert [p.name for p in cache_dir(config).iterdir()] == [first.SeriesInstanceUID]   # only that series
+    assert len(list((cache_dir(config) / first.SeriesInstanceUID).iterdir())) == len(good.files)
+    seg = pydicom.dcmread(out / "seg.dcm")
+    referenced = {ref.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence
+                  for ref in item.ReferencedInstanceSequence}
+    assert referenced == {pydicom.dcmread(f).SOPInstanceUID for f in good.files}
+    modalities = sorted(orthanc.rest("GET", f"/instances/{i}/simplified-tags").json()["Modality"]
+                        for i in orthanc.rest("GET", "/instances").json())
+    assert modalities.count("SEG") == 1 and modalities.count("SR") == 1
