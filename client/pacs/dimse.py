@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
@@ -23,6 +24,12 @@ from .types import PacsError, SeriesRef, Store, checked_uid
 log = logging.getLogger(__name__)
 
 _PENDING = (0xFF00, 0xFF01)
+# CT as archives keep it: uncompressed, lossless JPEG 2000 / JPEG / RLE, deflated (and lossy
+# JPEG 2000 or JPEG where a site chose it). Offering only uncompressed made Orthanc fail the
+# C-GET of a JPEG 2000 series (status 0xC000): it does not transcode for us.
+_STORED_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.JPEG2000Lossless,
+                    uid.JPEGLosslessSV1, uid.JPEGLossless, uid.RLELossless, uid.DeflatedExplicitVRLittleEndian,
+                    uid.JPEG2000, uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit)
 _GET_DONE = (0x0000, 0xB000)   # success, or warning: some sub-operations failed (checked below)
 
 
@@ -40,7 +47,8 @@ class DimsePacs:
         self.ae = AE(ae_title=calling_ae)
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        self.ae.add_requested_context(CTImageStorage)
+        for syntax in _STORED_SYNTAXES:   # one context each: the PACS sends an instance as it stores it
+            self.ae.add_requested_context(CTImageStorage, [syntax])
         self.where = f"DIMSE {called_ae}@{host}:{port}"
 
     @contextmanager

@@ -253,3 +253,24 @@ def test_predict_a_pacs_series_and_store_its_seg_and_sr_back(tmp_path, w, orthan
     modalities = sorted(orthanc.rest("GET", f"/instances/{i}/simplified-tags").json()["Modality"]
                         for i in orthanc.rest("GET", "/instances").json())
     assert modalities.count("SEG") == 1 and modalities.count("SR") == 1
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_a_jpeg2000_series_arrives_compressed_and_reads_like_the_folder(tmp_path, w, orthanc, protocol):
+    """Archives keep lossless-compressed CT: retrieval asks for it as stored (no transcoding),
+    and the cached files read to the same HU and geometry as the folder's."""
+    import pydicom
+
+    hu = w.ramp(low=-1000, step=11)
+    series = w.sitk_series(tmp_path / "export" / "j2k", hu, rng=np.random.default_rng(2))
+    written = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in series.files}
+    orthanc.upload(series.files)
+    config = pacs_site(tmp_path / "pacs-site", orthanc, protocol)
+    retrieve(config)
+    cached = sorted(cache_dir(config).rglob("*.dcm"))
+    assert len(cached) == len(series.files)
+    assert {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in cached} == written
+    (from_pacs,) = scan_site(config).cases
+    case = read_case(from_pacs)
+    np.testing.assert_array_equal(case.hu_array(), hu.astype(np.float32))
+    np.testing.assert_allclose(case.origin, series.origin, atol=1e-6)
