@@ -16,7 +16,8 @@ DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.yaml"
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     """The YAML (default configs/simulation.yaml) with the command line's overrides on top."""
     return SimulationConfig.load(args.config, hospitals=args.hospitals, rounds=args.rounds, preset=args.preset,
-                                 task=args.task, epsilon=args.epsilon, seed=args.seed, pretrained=args.pretrained)
+                                 task=args.task, epsilon=args.epsilon, seed=args.seed, pretrained=args.pretrained,
+                                 pacs=args.pacs or None)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -59,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--pretrained", help="a pasta-fed checkpoint, 'shipped' (the default: the model shipped with "
                                         "the package) or 'pretrain' (pretrain one here, or reuse the cached one)")
+    p.add_argument("--pacs", action="store_true",
+                   help="keep the first hospital's CT in a local Orthanc (PACS) its agent retrieves it from")
     p.set_defaults(func=_simulate)
     d = sub.add_parser("demo", help="the main job: synthetic data, pretraining, a 3-hospital DP federation, a report")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))

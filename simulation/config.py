@@ -52,6 +52,8 @@ class SimulationConfig:
     # the empirical privacy audit of the first site in the report (about 10 s with 1,000 canaries: on)
     audit: bool = True
     audit_canaries: Annotated[int, Field(ge=2)] = 1000
+    # the first hospital's CT in a local Orthanc (PACS) instead of a folder (simulation/pacs_site.py)
+    pacs: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> SimulationConfig:

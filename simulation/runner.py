@@ -1,12 +1,14 @@
 """`pasta-fed simulate`: pretrained model -> simulated hospitals -> federation -> comparisons -> report."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pasta_model.finetune import PRIMARY_METRIC
@@ -107,6 +109,9 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
         log.info("resuming the simulation in %s with its stored settings", out)
     elif stored.exists():
         raise SimulationConfigError(f"{out} already holds a simulation; use --resume {out} or another --out")
+    if cfg.pacs:   # before anything is generated: a missing Orthanc should cost the user nothing
+        from simulation.pacs_site import orthanc_binary
+        orthanc_binary()
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     pretrained = ensure_pretrained(cfg)
@@ -131,7 +136,28 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     generate_dataset(eval_dir, cfg.heldout_cases, size=cfg.volume_size, spacing=cfg.spacing_mm,
                      seed=cfg.seed + 31337)
     timings["generating hospital data"] = time.monotonic() - t0
+    with contextlib.ExitStack() as stack:
+        if cfg.pacs:
+            t0 = time.monotonic()
+            stack.enter_context(pacs_hospital(sites[0], out / "pacs"))
+            timings["PACS: DICOM export, upload, retrieval"] = time.monotonic() - t0
+        return federate_and_report(cfg, out, sites, pretrained, eval_dir, timings)
 
+
+@contextlib.contextmanager
+def pacs_hospital(site: SiteFiles, home: Path) -> Iterator[None]:
+    """The site's CT in the run's own Orthanc, retrieved into its state_dir; Orthanc runs until the block ends."""
+    from simulation.pacs_site import make_pacs_site, running_orthanc
+    log.info("%s keeps its CT in a PACS: writing DICOM series, storing them in Orthanc, retrieving them",
+             site.profile.name)
+    with running_orthanc(home) as server:
+        make_pacs_site(site.config, server, home)
+        yield
+
+
+def federate_and_report(cfg: SimulationConfig, out: Path, sites: list[SiteFiles], pretrained: Path,
+                        eval_dir: Path, timings: dict[str, float]) -> Path:
+    """The federation, the comparisons and the audit on the generated sites; returns the report path."""
     from simulation.federation import run_federated  # Flower/Ray imports only when needed
     settings = RunSettings(
         num_server_rounds=cfg.rounds, task=cfg.task, local_epochs=cfg.local_epochs,
