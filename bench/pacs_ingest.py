@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import tempfile
 import time
@@ -32,15 +31,14 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+CALLING_AE = "PASTAFED"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from orthanc_pacs import CALLED_AE, CALLING_AE, PASSWORD, PLUGIN, USER, start_orthanc, stop_orthanc  # noqa: E402
 
 from client.ingest import scan_site  # noqa: E402
 from client.pacs.retrieve import retrieve  # noqa: E402
 from client.site_config import load_site_config  # noqa: E402
+from simulation.orthanc import INSTALL, ORTHANC_AE, USER, installed, start_orthanc, stop_orthanc  # noqa: E402
 
 
 def _slice(series: dict, k: int, pixels: np.ndarray) -> Dataset:
@@ -109,19 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=40)
     ap.add_argument("--size", type=int, default=256, help="rows = columns of each slice")
     args = ap.parse_args(argv)
-    if shutil.which("Orthanc") is None or not PLUGIN.is_file():
-        print("Orthanc with its DICOMweb plugin is not installed: apt-get install -y orthanc orthanc-dicomweb")
+    if not installed():
+        print(f"Orthanc with its DICOMweb plugin is not installed; {INSTALL}")
         return 2
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         files = write_series(work / "export", args.series, args.slices, args.size)
         mb = sum(f.stat().st_size for f in files) / 1e6
-        server = start_orthanc(work / "orthanc")
+        server = start_orthanc(work / "orthanc", peer_ae=CALLING_AE)
         try:
             server.upload(files)
-            (work / "pacs.json").write_text(json.dumps({"username": USER, "password": PASSWORD}))
-            dimse = {"host": "127.0.0.1", "port": server.dicom_port, "called_ae": CALLED_AE,
+            (work / "pacs.json").write_text(json.dumps({"username": USER, "password": server.password}))
+            dimse = {"host": "127.0.0.1", "port": server.dicom_port, "called_ae": ORTHANC_AE,
                      "calling_ae": CALLING_AE}
             ways: dict[str, Callable[[], float]] = {
                 "dicomweb": lambda: _timed(_site(work / "web", pacs={"dicomweb": server.dicomweb, "credentials":
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             seconds = {name: way() for name, way in ways.items()}
         finally:
-            stop_orthanc(server)
+            stop_orthanc(server, grace_s=0)
     per_min = {name: round(args.series / s * 60.0, 1) for name, s in seconds.items()}
     print(f"{args.series} series x {args.slices} slices of {args.size}x{args.size} ({len(files)} instances, "
           f"{mb:.0f} MB)")

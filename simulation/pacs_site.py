@@ -14,31 +14,22 @@ import csv
 import io
 import json
 import logging
-import secrets
 import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import requests
 import SimpleITK as sitk
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from simulation.config import SimulationConfigError
+from simulation.orthanc import INSTALL, PLUGIN, USER, OrthancServer, installed
 from synth.atomic import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-INSTALL = "install it with: apt-get install -y orthanc orthanc-dicomweb (or run `make venv` as root)"
-USER = "pasta-sim"
 EXPORT_FOLDER = "dicom-export"
 
 
@@ -46,12 +37,10 @@ class OrthancMissing(SimulationConfigError):
     """Orthanc or its DICOMweb plugin is not installed; the message says how to install them."""
 
 
-def orthanc_binary() -> str:
-    """The Orthanc executable, refused early (before any data is generated) when it or the plugin is absent."""
-    binary = shutil.which("Orthanc")
-    if binary is None or not PLUGIN.is_file():
+def require_orthanc() -> None:
+    """Refused early (before any data is generated) when Orthanc or its DICOMweb plugin is absent."""
+    if not installed():
         raise OrthancMissing(f"--pacs needs Orthanc with its DICOMweb plugin ({PLUGIN}), not found here; {INSTALL}")
-    return binary
 
 
 # ---------------------------------------------------------------- NIfTI case -> DICOM CT series
@@ -138,103 +127,6 @@ def pacs_site_yaml(folder_yaml: Path, labels: Path, dicomweb: str, credentials: 
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-# ---------------------------------------------------------------- the run's Orthanc
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class OrthancServer:
-    process: subprocess.Popen
-    http_port: int
-    password: str
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def dicomweb(self) -> str:
-        return f"{self.url}/dicom-web"
-
-    def post_instance(self, path: Path) -> None:
-        """Store one DICOM file (POST /instances, as a modality's export would); storing one again is a no-op."""
-        response = requests.post(f"{self.url}/instances", data=path.read_bytes(), auth=(USER, self.password),
-                                 headers={"Content-Type": "application/dicom"}, timeout=60)
-        response.raise_for_status()
-
-
-def orthanc_config(home: Path, http_port: int, dicom_port: int, password: str) -> dict:
-    """Local only, authenticated, DICOMweb on; its storage persists in `home` (a resumed run keeps it)."""
-    storage = home / "storage"
-    storage.mkdir(parents=True, exist_ok=True)
-    return {"Name": "pasta-fed-simulation", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-            "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True, "RegisteredUsers": {USER: password}, "Plugins": [str(PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StorageCompression": False, "SaveJobs": False}
-
-
-def _wait_until_up(server: OrthancServer, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {server.process.returncode}; see {server.log}")
-        try:
-            if requests.get(f"{server.url}/system", auth=(USER, server.password), timeout=2).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"Orthanc did not answer on {server.url} within {timeout_s:.0f}s; see {server.log}")
-
-
-def start_orthanc(home: Path) -> OrthancServer:
-    """Start Orthanc on free 127.0.0.1 ports with a fresh password (written to its config in `home` only)."""
-    binary = orthanc_binary()
-    password = secrets.token_urlsafe(18)
-    http_port = _free_port()
-    config = home / "orthanc.json"
-    home.mkdir(parents=True, exist_ok=True)
-    with atomic_path(config) as tmp:
-        tmp.write_text(json.dumps(orthanc_config(home, http_port, _free_port(), password)))
-    config.chmod(0o600)
-    log_file = home / "orthanc.log"
-    with open(log_file, "ab") as out:
-        process = subprocess.Popen([binary, str(config)], stdout=out, stderr=subprocess.STDOUT)
-    server = OrthancServer(process, http_port, password, log_file)
-    try:
-        _wait_until_up(server)
-    except BaseException:
-        stop_orthanc(server)
-        raise
-    log.info("Orthanc (the simulated PACS) is up on %s, pid %d", server.url, process.pid)
-    return server
-
-
-def stop_orthanc(server: OrthancServer) -> None:
-    """Terminate it (its storage is on disk and kept), killing it if it does not stop in time."""
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=15)
-    log.info("Orthanc (pid %d) stopped", server.process.pid)
-
-
-@contextmanager
-def running_orthanc(home: Path) -> Iterator[OrthancServer]:
-    """Orthanc for the duration of the block, stopped on the way out, error or not."""
-    server = start_orthanc(home)
-    try:
-        yield server
-    finally:
-        stop_orthanc(server)
-
-
 # ---------------------------------------------------------------- the PACS hospital
 def credentials_file(home: Path, password: str) -> Path:
     """The agent's DICOMweb credentials (client.pacs reads them; never in the YAML)."""
@@ -249,7 +141,7 @@ def upload_series(server: OrthancServer, export: Path) -> int:
     """Store every exported slice in the PACS; returns how many files were sent."""
     files = sorted(export.rglob("*.dcm"))
     for path in files:
-        server.post_instance(path)
+        server.upload([path])
     log.info("stored %d DICOM instances in the simulated PACS", len(files))
     return len(files)
 

@@ -110,8 +110,8 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
     elif stored.exists():
         raise SimulationConfigError(f"{out} already holds a simulation; use --resume {out} or another --out")
     if cfg.pacs:   # before anything is generated: a missing Orthanc should cost the user nothing
-        from simulation.pacs_site import orthanc_binary
-        orthanc_binary()
+        from simulation.pacs_site import require_orthanc
+        require_orthanc()
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     pretrained = ensure_pretrained(cfg)
@@ -147,7 +147,8 @@ def simulate(cfg: SimulationConfig, out: Path, resume: bool = False) -> Path:
 @contextlib.contextmanager
 def pacs_hospital(site: SiteFiles, home: Path) -> Iterator[None]:
     """The site's CT in the run's own Orthanc, retrieved into its state_dir; Orthanc runs until the block ends."""
-    from simulation.pacs_site import make_pacs_site, running_orthanc
+    from simulation.orthanc import running_orthanc
+    from simulation.pacs_site import make_pacs_site
     log.info("%s keeps its CT in a PACS: writing DICOM series, storing them in Orthanc, retrieving them",
              site.profile.name)
     with running_orthanc(home) as server:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from simulation import commands, pacs_site
 from simulation.cli import build_parser, main
 from simulation.commands import config_from_args
 from simulation.config import SimulationConfig, SimulationConfigError
-from simulation.pacs_site import EXPORT_FOLDER, nifti_to_dicom_series, running_orthanc
+from simulation.orthanc import INSTALL, installed, running_orthanc
+from simulation.pacs_site import EXPORT_FOLDER, nifti_to_dicom_series
 from simulation.runner import simulate
 from synth.dataset import generate_dataset, read_dataset
 
@@ -78,15 +78,15 @@ def test_the_pacs_flag_sets_the_config_and_its_absence_keeps_the_yaml():
 
 
 def test_pacs_without_orthanc_fails_at_start_saying_how_to_install_it(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(pacs_site.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pacs_site, "installed", lambda: False)
     with pytest.raises(SimulationConfigError, match="apt-get install -y orthanc orthanc-dicomweb"):
         simulate(SimulationConfig(**SMALL), tmp_path / "run")
     assert not (tmp_path / "run" / "sites").exists(), "nothing may be generated before the check"
 
 
 def needs_orthanc() -> None:
-    if shutil.which("Orthanc") is None or not pacs_site.PLUGIN.is_file():
-        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed; {pacs_site.INSTALL}")
+    if not installed():
+        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed; {INSTALL}")
 
 
 def test_the_simulations_orthanc_is_stopped_when_the_run_fails(tmp_path: Path):
