@@ -121,7 +121,8 @@ def generate_dataset(out: str | Path, n: int, cfg: GenConfig | None = None, *, w
             rows[i] = manifest_row(meta, d.relative_to(out).as_posix())
         else:
             todo.append(i)
-    bar = tqdm(total=n, initial=n - len(todo), desc="synth", unit="case", disable=not progress,
+    # nothing to generate (a resumed run): no bar that only says "100%"
+    bar = tqdm(total=n, initial=n - len(todo), desc="synth", unit="case", disable=not progress or not todo,
                file=sys.stderr, dynamic_ncols=True)
     try:
         jobs = [(str(out), cfg.seed, i, cfg) for i in todo]
