@@ -60,6 +60,7 @@ class SliceHeader:
     orientation: tuple[float, ...]     # ImageOrientationPatient: row then column cosines
     position: tuple[float, float, float]
     transfer_syntax: str
+    sop_uid: str = ""                  # SOPInstanceUID: two files holding it are copies of one instance
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ def _slice_header(path: Path, ds: pydicom.Dataset, series_uid: str, patient_id: 
             orientation=tuple(float(v) for v in ds.ImageOrientationPatient),
             position=tuple(float(v) for v in ds.ImagePositionPatient),
             transfer_syntax=str(getattr(meta, "TransferSyntaxUID", "") or ""),
+            sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         )
     except (ValueError, TypeError) as err:
         return verdict("error", f"{path.name}: unreadable geometry tags: {err}")
@@ -272,6 +274,28 @@ def _check_steps(along: np.ndarray, ordered: list[SliceHeader]) -> float:
     return median
 
 
+def one_file_per_instance(slices: list[SliceHeader]) -> list[SliceHeader]:
+    """One file per SOPInstanceUID: exports and archives often hold the same instance twice.
+
+    A PACS keeps one copy of an instance, so a folder holding two reads as the PACS does;
+    two files that share a SOPInstanceUID but not a position are not copies, and are refused.
+    """
+    kept: dict[str, SliceHeader] = {}
+    unique = []
+    for header in sorted(slices, key=lambda h: str(h.path)):
+        first = kept.get(header.sop_uid) if header.sop_uid else None
+        if first is None:
+            kept[header.sop_uid] = header
+            unique.append(header)
+        elif not np.allclose(first.position, header.position, atol=DUPLICATE_MM):
+            raise DicomSeriesError(f"SOPInstanceUID {header.sop_uid} is in two files at different positions "
+                                   f"({first.path.name}, {header.path.name}); they are not copies of one instance")
+    if len(unique) < len(slices):
+        log.info("series %s: %d file(s) are copies of instances already read; one file per instance is used",
+                 slices[0].series_uid, len(slices) - len(unique))
+    return unique
+
+
 def order_slices(slices: list[SliceHeader]) -> list[SliceHeader]:
     """Check one series is a single regular volume and return its slices in order.
 
@@ -279,6 +303,7 @@ def order_slices(slices: list[SliceHeader]) -> list[SliceHeader]:
     cosines), never by file name or InstanceNumber. Raises DicomSeriesError naming the
     problem: mixed sizes or orientations, duplicates, missing or uneven slices, tilt.
     """
+    slices = one_file_per_instance(slices)
     _check_same_frame(slices)
     normal = slice_normal(slices[0].orientation)
     positions = np.array([s.position for s in slices])

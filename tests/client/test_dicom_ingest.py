@@ -186,6 +186,18 @@ def test_duplicate_slice_is_an_error(tmp_path, w, rng):
     assert "duplicate slice position" in rejected.reason
 
 
+def test_two_files_claiming_one_instance_at_different_positions_are_an_error(tmp_path, w, rng):
+    """Copies of one instance are read once (test_pacs); a file reusing a SOPInstanceUID elsewhere is no copy."""
+    series = w.pydicom_series(tmp_path / "images", w.ramp(), rng=rng)
+    ds = pydicom.dcmread(series.files[5])
+    ds.SOPInstanceUID = pydicom.dcmread(series.files[4]).SOPInstanceUID
+    ds.save_as(series.files[5])
+    (rejected,) = scan_site(_site(tmp_path, w)).rejected
+    assert f"SOPInstanceUID {ds.SOPInstanceUID} is in two files at different positions" in rejected.reason
+    with pytest.raises(DicomSeriesError, match="not copies of one instance"):
+        nifti_input(tmp_path / "images", tmp_path)             # predict refuses it the same way
+
+
 def test_non_dicom_files_and_localizers_are_skipped(tmp_path, w, rng):
     images = tmp_path / "images"
     ct = w.pydicom_series(images / "ct", w.ramp(), rng=rng)
