@@ -158,7 +158,10 @@ def test_evaluation_is_noised_charged_and_counts_each_metric_on_its_own_patients
     assert "accuracy-invasion withheld: computed over 1 patient(s)" in sent[-1]["reason"]
     # the same heads on the same patients: exact metrics would repeat; noisy ones do not
     assert metrics[0]["num-examples"] != metrics[1]["num-examples"]
-    assert metrics[0]["accuracy-density"] != metrics[1]["accuracy-density"]
+    # each accuracy is clipped to [0, 1], so one may repeat (both 0.0 happened in a local run); all of them
+    # repeating is the exact answer (a noisy one coincides about 1 time in 400)
+    accuracies = [tuple(v for k, v in sorted(m.items()) if k.startswith("accuracy")) for m in metrics]
+    assert len(accuracies[0]) >= 5 and accuracies[0] != accuracies[1]
     ledger = PrivacyLedger.open_site(yaml_path.parent / "state")
     evaluations = [e for e in ledger.entries if e.kind == "evaluate"]
     assert [(e.sample_rate, e.steps, e.attempt) for e in evaluations] == [(1.0, 1, 1), (1.0, 1, 2)]
