@@ -8,6 +8,7 @@ host lacks, an absurd delta, labels that cannot tell two scans of one patient ap
 """
 from __future__ import annotations
 
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -18,7 +19,7 @@ from pydantic.dataclasses import dataclass
 from pasta_model.protocol import Delta, Sha256
 from synth.typed_config import STRICT, matching, one_of, parse
 
-__all__ = ["SiteConfig", "DataConfig", "PrivacyConfig", "BackbonePolicy", "PacsConfig", "DimseConfig",
+__all__ = ["SiteConfig", "DataConfig", "PrivacyConfig", "BackbonePolicy", "PacsConfig", "PacsTls", "DimseConfig",
            "StudyQuery", "SiteConfigError", "load_site_config"]
 
 _SITE_RE = r"[A-Za-z0-9_.-]+"
@@ -76,6 +77,8 @@ class PrivacyConfig:
 
 
 AeTitle = Annotated[str, matching(r"[ -~]{1,16}", "a DICOM AE title (1 to 16 printable ASCII characters)")]
+BodyPart = Annotated[str, matching(r"[A-Za-z0-9_ ]{1,16}", "a DICOM BodyPartExamined value (1 to 16 letters, "
+                                                           "digits, '_' or spaces; e.g. CHEST, ABDOMEN)")]
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -94,9 +97,70 @@ class StudyQuery:
     With `from_labels: true`, only the studies the labels CSV names (its study_instance_uid
     and/or accession_number columns) are retrieved, so a PACS holding far more than the
     cohort is never copied whole; checked against data.labels when retrieval starts.
+    Otherwise `study_date_from`/`study_date_to` (inclusive) select studies by date. Either
+    way `body_parts` keeps only series whose BodyPartExamined is one of them (any case). The PACS is
+    asked with these keys and every answer is checked again here, since PACS match loosely.
     """
     modality: Annotated[str, one_of(("CT",))] = "CT"
     from_labels: bool = False
+    study_date_from: Annotated[date, Field(strict=False)] | None = None
+    study_date_to: Annotated[date, Field(strict=False)] | None = None
+    body_parts: Annotated[tuple[BodyPart, ...], Field(strict=False)] = ()
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> StudyQuery:
+        if self.from_labels and (self.study_date_from or self.study_date_to):
+            raise ValueError("from_labels selects studies by the labels CSV, study_date_from/study_date_to "
+                             "by date: use one of the two")
+        if self.study_date_from and self.study_date_to and self.study_date_from > self.study_date_to:
+            raise ValueError(f"study_date_from {self.study_date_from} is after study_date_to {self.study_date_to}")
+        return self
+
+    @property
+    def study_dates(self) -> str | None:
+        """The date range as a DICOM range matching key (YYYYMMDD-YYYYMMDD, open at either end), or None."""
+        if self.study_date_from is None and self.study_date_to is None:
+            return None
+        return "-".join(d.strftime("%Y%m%d") if d else "" for d in (self.study_date_from, self.study_date_to))
+
+    def admits_date(self, study_date: str) -> bool:
+        """A study's StudyDate (YYYYMMDD) lies in the range; one without a date does not when a range is set."""
+        if self.study_dates is None:
+            return True
+        try:
+            day = datetime.strptime(study_date.strip(), "%Y%m%d").date()
+        except ValueError:
+            return False
+        return (self.study_date_from or day) <= day <= (self.study_date_to or day)
+
+    def admits_body_part(self, body_part: str) -> bool:
+        """A series' BodyPartExamined is one of body_parts (any, when none are named)."""
+        return not self.body_parts or body_part.strip().upper() in {part.upper() for part in self.body_parts}
+
+
+@dataclass(frozen=True, config=STRICT)
+class PacsTls:
+    """TLS to the PACS (DICOMweb https or DIMSE TLS): the CA that signs its certificate and,
+    for mutual TLS, the certificate and key the agent presents (PEM files, both or neither)."""
+    ca: Path                          # PEM: the CA certificate(s) the PACS' certificate must chain to
+    certificate: Path | None = None   # PEM: the agent's client certificate (mutual TLS)
+    key: Path | None = None           # PEM: its private key (unencrypted; protect it by file mode)
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> PacsTls:
+        if (self.certificate is None) != (self.key is None):
+            given, missing = ("certificate", "key") if self.key is None else ("key", "certificate")
+            raise ValueError(f"{given} is given without {missing}: mutual TLS needs both (or neither)")
+        return self
+
+    @property
+    def client_cert(self) -> tuple[Path, Path] | None:
+        """(certificate, key) for mutual TLS, or None."""
+        return (self.certificate, self.key) if self.certificate and self.key else None
+
+    def files(self) -> dict[str, Path]:
+        """{key: path} of the files named, for the existence check."""
+        return {k: v for k, v in (("ca", self.ca), ("certificate", self.certificate), ("key", self.key)) if v}
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -107,6 +171,7 @@ class PacsConfig:
     dimse: DimseConfig | None = None
     credentials: Path | None = None   # JSON file ({"username", "password"} or {"token"}); never logged
     studies: StudyQuery = StudyQuery()
+    tls: PacsTls | None = None        # without it, https is verified with the system's CAs, DIMSE is plain
 
     @property
     def address(self) -> str:
@@ -121,6 +186,8 @@ class PacsConfig:
             raise ValueError("name exactly one of dicomweb or dimse")
         if self.credentials is not None and self.dimse is not None:
             raise ValueError("credentials apply to dicomweb only (DIMSE authenticates by AE title)")
+        if self.tls is not None and self.dicomweb is not None and not self.dicomweb.startswith("https://"):
+            raise ValueError(f"tls needs an https:// dicomweb URL, got {self.dicomweb}")
         return self
 
 
@@ -224,7 +291,11 @@ def _pacs_section(raw: dict, file: Path) -> PacsConfig | None:
     if not isinstance(raw["pacs"], dict):
         raise SiteConfigError(f"{file}: pacs: must be a mapping, got {type(raw['pacs']).__name__}")
     section = _with_resolved_paths(raw["pacs"], _PATHS["pacs"], file.parent)
-    for key, cls in (("dimse", DimseConfig), ("studies", StudyQuery)):
+    if isinstance(section.get("tls"), dict):
+        section["tls"] = _with_resolved_paths(section["tls"], ("ca", "certificate", "key"), file.parent)
+    for key, cls in (("dimse", DimseConfig), ("studies", StudyQuery), ("tls", PacsTls)):
+        if section.get(key) is not None and not isinstance(section[key], dict):
+            raise SiteConfigError(f"{file}: pacs.{key}: must be a mapping, got {type(section[key]).__name__}")
         if isinstance(section.get(key), dict):
             section[key] = parse(cls, section[key], str(file), SiteConfigError, prefix=f"pacs.{key}.")
     return parse(PacsConfig, section, str(file), SiteConfigError, prefix="pacs.")
@@ -262,6 +333,9 @@ def _check_folders(config: SiteConfig, file: Path) -> None:
         raise SiteConfigError(f"{file}: data.images: is required (or name a pacs)")
     if config.pacs is not None and config.pacs.credentials is not None and not config.pacs.credentials.is_file():
         raise SiteConfigError(f"{file}: pacs.credentials: file not found: {config.pacs.credentials}")
+    for key, path in (config.pacs.tls.files().items() if config.pacs and config.pacs.tls else ()):
+        if not path.is_file():
+            raise SiteConfigError(f"{file}: pacs.tls.{key}: file not found: {path}")
     if data.images is not None and not data.images.is_dir():
         raise SiteConfigError(f"{file}: data.images: folder not found: {data.images}")
     if data.labels is not None and not data.labels.is_file():

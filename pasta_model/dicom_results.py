@@ -27,7 +27,7 @@ from synth.atomic import atomic_path
 from synth.vocabulary import LESION_TYPE_BY_NAME
 
 from .dicom_series import DicomSeriesError, SliceHeader, group_by_series, order_slices, read_slice_header
-from .dicomweb_login import session_with_credentials
+from .dicomweb_login import session_with_credentials, tls_failure, tls_problem
 
 log = logging.getLogger(__name__)
 
@@ -291,13 +291,21 @@ def checked_store_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def store_dicomweb(url: str, paths: Sequence[str | Path], credentials: Path | None = None) -> int:
-    """Send the files to the PACS in one STOW-RS request; returns how many instances it accepted."""
+def store_dicomweb(url: str, paths: Sequence[str | Path], credentials: Path | None = None, *,
+                   ca: Path | None = None, client_cert: tuple[Path, Path] | None = None) -> int:
+    """Send the files to the PACS in one STOW-RS request; returns how many instances it accepted.
+
+    `ca` and `client_cert` are the site's TLS settings (see dicomweb_login.session_with_credentials)."""
     url = checked_store_url(url)
     datasets = [pydicom.dcmread(p) for p in paths]
-    client = DICOMwebClient(url, session=session_with_credentials(credentials), timeout=60)
+    session = session_with_credentials(credentials, ca=ca, client_cert=client_cert)
+    if problem := tls_problem(session, url, ca):
+        raise DicomStoreError(f"STOW-RS to {problem}")
+    client = DICOMwebClient(url, session=session, timeout=60)
     try:
         answer = client.store_instances(datasets)
+    except requests.exceptions.SSLError as err:
+        raise DicomStoreError(f"STOW-RS to {tls_failure(url, err, ca)}") from None
     except requests.HTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
         raise DicomStoreError(f"STOW-RS to {url} failed: HTTP {status}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -110,8 +111,8 @@ def detect_volume(model: PastaNet, image: torch.Tensor, device) -> dict[str, flo
 
     for a in starts[0]:
         for b in starts[1]:
-            for c in starts[2]:
-                centre = [a + size // 2, b + size // 2, c + size // 2]
+            for c in starts[2]:   # a volume thinner than the window is centred in it (padded), not cut
+                centre = [start + min(size, s) // 2 for start, s in zip((a, b, c), shape)]
                 batch.append(plain(centred_crop(image, centre, size, 0.0)).float())
                 if len(batch) >= 8:
                     flush()
@@ -267,20 +268,37 @@ def batch_inputs(folder: Path) -> list[Path]:
 
 def predict_batch(checkpoint: str | Path, folder: str | Path, out_root: str | Path, *,
                   device: str = "auto") -> dict[str, str]:
-    """Every CT of `folder` into `out_root/<its name>/`, the model loaded once; a CT that cannot be
-    read is named with its problem and the others go on. Returns {input name: "ok" | problem}."""
+    """Every CT of `folder` (`batch_inputs`) into `out_root/<its name>/`, the model loaded once."""
+    inputs = {image.name: image for image in batch_inputs(Path(folder))}
+    return predict_many(checkpoint, inputs, out_root, device=device)
+
+
+def predict_many(checkpoint: str | Path, inputs: dict[str, Path], out_root: str | Path, *, device: str = "auto",
+                 after: Callable[[str, dict], None] | None = None) -> dict[str, str]:
+    """Each input CT into `out_root/<its name without .nii[.gz]>/`, the model loaded once, with a progress bar.
+
+    `after(name, report)` runs on each prediction (e.g. to store it). A CT that cannot be
+    read, or whose `after` fails, is named with its problem in the outcome and in
+    `out_root/batch.json`, and the others go on. Returns {name: "ok" | problem}.
+    """
     from tqdm import tqdm
 
-    inputs = batch_inputs(Path(folder))
     predictor = Predictor(checkpoint, device=device)
     outcome: dict[str, str] = {}
-    for image in tqdm(inputs, desc="predict", unit="CT"):
-        name = image.name.removesuffix(".gz").removesuffix(".nii")
+    for name, image in tqdm(inputs.items(), desc="predict", unit="CT"):
         try:
-            predictor.predict(image, Path(out_root) / name)
-            outcome[image.name] = "ok"
+            report = predictor.predict(image, Path(out_root) / name.removesuffix(".gz").removesuffix(".nii"))
+            if after is not None:
+                after(name, report)
+            outcome[name] = "ok"
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
             log.error("predict: %s: %s", image, exc)
-            outcome[image.name] = str(exc)
-    write_atomic(Path(out_root) / "batch.json", json.dumps(outcome, indent=2))
+            outcome[name] = str(exc)
+    write_batch_report(out_root, outcome)
     return outcome
+
+
+def write_batch_report(out_root: str | Path, outcome: dict[str, str]) -> None:
+    """`out_root/batch.json`: each input's name and "ok" or its problem."""
+    Path(out_root).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(out_root) / "batch.json", json.dumps(outcome, indent=2))

@@ -1,25 +1,35 @@
-"""A PACS over DIMSE (pynetdicom): C-FIND lists CT series and instances, C-GET retrieves them.
+"""A PACS over DIMSE (pynetdicom): C-FIND lists CT series and instances, C-GET retrieves them,
+C-STORE sends predict's SEG and SR back.
 
 C-GET returns the instances on the association the agent opened, so the hospital needs
-no inbound port for the agent (C-MOVE would).
+no inbound port for the agent (C-MOVE would). With the site's pacs.tls every association
+is DICOM TLS: the PACS' certificate verified with its CA, the agent's presented for mutual TLS.
 """
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
-from pydicom import uid
+from pydicom import dcmread, uid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
     CTImageStorage,
+    SegmentationStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from .types import PacsError, SeriesRef, Store, checked_uid
+from pasta_model.dicomweb_login import tls_failure
+
+from .types import PacsError, SeriesRef, Store, StudyRef, checked_uid
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +41,28 @@ _STORED_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.
                     uid.JPEGLosslessSV1, uid.JPEGLossless, uid.RLELossless, uid.DeflatedExplicitVRLittleEndian,
                     uid.JPEG2000, uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit)
 _GET_DONE = (0x0000, 0xB000)   # success, or warning: some sub-operations failed (checked below)
+# what `client predict --store` sends: its Segmentation and its TID 1500 SR
+_RESULT_CLASSES = {SegmentationStorage: "Segmentation", Comprehensive3DSRStorage: "Comprehensive 3D SR"}
+_RESULT_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian)
+_STORED_WITH_WARNING = (0xB000, 0xB006, 0xB007)   # stored; coerced, elements discarded, or not quite the class
+
+
+class _WithoutTraceback(logging.Filter):
+    """pynetdicom logs a failed TLS handshake, or a connection the PACS reset, with a traceback;
+    the PacsError says it in one line (`-v`, which logs pynetdicom at DEBUG, keeps the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _module in ("transport", "dul", "acse", "association"):
+    logging.getLogger(f"pynetdicom.{_module}").addFilter(_WithoutTraceback())
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
 
 
 def _query(level: str, **keys: str) -> Dataset:
@@ -41,8 +73,22 @@ def _query(level: str, **keys: str) -> Dataset:
     return ds
 
 
+def tls_context(where: str, ca: Path, client_cert: tuple[Path, Path] | None) -> ssl.SSLContext:
+    """A client TLS context: the PACS' certificate must chain to `ca` and name its host."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+        if client_cert is not None:
+            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+    except (ssl.SSLError, OSError) as err:
+        raise PacsError(f"{where}: TLS: cannot load pacs.tls files ({type(err).__name__}: "
+                        f"{getattr(err, 'reason', None) or err.strerror or err})") from None
+    return context
+
+
 class DimsePacs:
-    def __init__(self, host: str, port: int, called_ae: str, calling_ae: str) -> None:
+    def __init__(self, host: str, port: int, called_ae: str, calling_ae: str, *, ca: Path | None = None,
+                 client_cert: tuple[Path, Path] | None = None) -> None:
+        """`ca`, `client_cert`: the site's pacs.tls (CA file; certificate and key for mutual TLS)."""
         self.host, self.port, self.called_ae = host, port, called_ae
         self.ae = AE(ae_title=calling_ae)
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -50,17 +96,66 @@ class DimsePacs:
         for syntax in _STORED_SYNTAXES:   # one context each: the PACS sends an instance as it stores it
             self.ae.add_requested_context(CTImageStorage, [syntax])
         self.where = f"DIMSE {called_ae}@{host}:{port}"
+        self.ca = ca
+        self.tls_args = None if ca is None else (tls_context(self.where, ca, client_cert), host)
 
     @contextmanager
-    def _association(self, handlers: list | None = None) -> Iterator[Association]:
-        assoc = self.ae.associate(self.host, self.port, ae_title=self.called_ae,
-                                  ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=handlers)
+    def _association(self, handlers: list | None = None,
+                     contexts: list[PresentationContext] | None = None) -> Iterator[Association]:
+        """An association for C-FIND/C-GET (the AE's contexts), or for C-STORE of `contexts`."""
+        ext_neg: list | None = None if contexts else [build_role(CTImageStorage, scp_role=True)]
+        assoc = self.ae.associate(self.host, self.port, contexts=contexts, ae_title=self.called_ae,
+                                  ext_neg=ext_neg, evt_handlers=handlers, tls_args=self.tls_args)
         if not assoc.is_established:
-            raise PacsError(f"{self.where}: association refused or PACS unreachable")
+            problem = self._tls_problem() if self.tls_args else None
+            raise PacsError(problem or f"{self.where}: association refused or PACS unreachable"
+                                       f"{' (over TLS)' if self.tls_args else ''}")
         try:
             yield assoc
         finally:
             assoc.release()
+
+    def _tls_problem(self) -> str | None:
+        """Why TLS to the PACS fails (pynetdicom only logs it), or None when a handshake goes through."""
+        assert self.tls_args is not None
+        context, hostname = self.tls_args
+        try:
+            with socket.create_connection((self.host, self.port), timeout=10) as raw, \
+                    context.wrap_socket(raw, server_hostname=hostname) as tls:
+                tls.settimeout(2)
+                try:
+                    tls.recv(1)     # a PACS refusing the agent's certificate says so after the handshake (TLS 1.3)
+                except TimeoutError:
+                    pass
+        except ssl.SSLError as err:
+            return tls_failure(self.where, err, self.ca)
+        except OSError:
+            return None
+        return None
+
+    def store(self, paths: Sequence[str | Path]) -> int:
+        """C-STORE the SEG and SR files on one association; returns how many the PACS stored."""
+        datasets = [dcmread(p) for p in paths]
+        for path, ds in zip(paths, datasets, strict=True):
+            if ds.get("SOPClassUID") not in _RESULT_CLASSES:
+                raise PacsError(f"{path}: SOP class {ds.get('SOPClassUID')} is not one C-STORE sends here "
+                                f"({', '.join(_RESULT_CLASSES.values())})")
+        contexts = [build_context(sop_class, list(_RESULT_SYNTAXES)) for sop_class in _RESULT_CLASSES]
+        with self._association(contexts=contexts) as assoc:
+            for path, ds in zip(paths, datasets, strict=True):
+                what = f"{_RESULT_CLASSES[ds.SOPClassUID]} {Path(path).name}"
+                try:
+                    status = assoc.send_c_store(ds)
+                except ValueError as err:      # no accepted presentation context for it
+                    raise PacsError(f"{self.where}: C-STORE of {what} refused: {err}") from None
+                code = getattr(status, "Status", None)
+                if code in _STORED_WITH_WARNING:
+                    log.warning("%s: C-STORE of %s stored with warning status %s", self.where, what, hex(code))
+                elif code != 0x0000:
+                    raise PacsError(f"{self.where}: C-STORE of {what} failed "
+                                    f"(status {'none: no answer' if code is None else hex(code)})")
+        log.info("stored %d instance(s) to %s by C-STORE", len(datasets), self.where)
+        return len(datasets)
 
     def _find(self, assoc: Association, query: Dataset) -> list[Dataset]:
         found = []
@@ -71,26 +166,24 @@ class DimsePacs:
                 found.append(identifier)
         return found
 
-    def find_series(self, modality: str, study_uid: str | None = None) -> list[SeriesRef]:
-        """Studies holding the modality (or `study_uid` only), then their series of it (one association)."""
-        series = []
-        with self._association() as assoc:
-            studies = ([study_uid] if study_uid is not None else
-                       [checked_uid(study.get("StudyInstanceUID"), "StudyInstanceUID") for study in
-                        self._find(assoc, _query("STUDY", StudyInstanceUID="", ModalitiesInStudy=modality))])
-            for uid in studies:
-                query = _query("SERIES", StudyInstanceUID=uid, SeriesInstanceUID="", Modality=modality)
-                series += [SeriesRef(uid, checked_uid(found.get("SeriesInstanceUID"), "SeriesInstanceUID"))
-                           for found in self._find(assoc, query)]
-        return series
-
-    def find_studies(self, accession_number: str) -> list[str]:
-        """StudyInstanceUIDs whose AccessionNumber is exactly this one (the PACS may match loosely)."""
-        query = _query("STUDY", StudyInstanceUID="", AccessionNumber=accession_number)
+    def find_studies(self, modality: str, *, study_dates: str | None = None,
+                     accession_number: str | None = None) -> list[StudyRef]:
+        """C-FIND studies holding the modality, in the date range and/or with the accession number."""
+        query = _query("STUDY", StudyInstanceUID="", ModalitiesInStudy=modality, StudyDate=study_dates or "",
+                       AccessionNumber=accession_number or "")
         with self._association() as assoc:
             found = self._find(assoc, query)
-        return [checked_uid(f.get("StudyInstanceUID"), "StudyInstanceUID") for f in found
-                if str(f.get("AccessionNumber", "")) == accession_number]
+        return [StudyRef(checked_uid(f.get("StudyInstanceUID"), "StudyInstanceUID"), _text(f, "StudyDate"),
+                         _text(f, "AccessionNumber")) for f in found]
+
+    def find_series(self, study_uid: str, modality: str) -> list[SeriesRef]:
+        """C-FIND series of the modality in one study, with their BodyPartExamined."""
+        query = _query("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality=modality,
+                       BodyPartExamined="")
+        with self._association() as assoc:
+            found = self._find(assoc, query)
+        return [SeriesRef(study_uid, checked_uid(f.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+                          _text(f, "BodyPartExamined")) for f in found if _text(f, "Modality") in ("", modality)]
 
     def find_instances(self, series: SeriesRef) -> list[str]:
         query = _query("IMAGE", StudyInstanceUID=series.study_uid, SeriesInstanceUID=series.series_uid,

@@ -5,12 +5,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
 from .cache import InstanceCache, cache_dir
 from .selection import StudySelection, selection_for
 from .types import Pacs, PacsError, SeriesRef
+
+if TYPE_CHECKING:
+    from client.site_config import StudyQuery
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +34,14 @@ def connect(config) -> Pacs:
     pacs = config.pacs
     if pacs is None:
         raise PacsError(f"{config.source}: no pacs section")
+    tls = pacs.tls
     if pacs.dicomweb is not None:
         from .dicomweb import DicomWebPacs
-        return DicomWebPacs(pacs.dicomweb, pacs.credentials)
+        return DicomWebPacs(pacs.dicomweb, pacs.credentials, ca=tls and tls.ca, client_cert=tls and tls.client_cert)
     from .dimse import DimsePacs
     d = pacs.dimse
-    return DimsePacs(d.host, d.port, d.called_ae, d.calling_ae)
+    return DimsePacs(d.host, d.port, d.called_ae, d.calling_ae, ca=tls and tls.ca,
+                     client_cert=tls and tls.client_cert)
 
 
 def retrieve(config, progress: Callable[[Path], None] | None = None, pacs: Pacs | None = None) -> RetrievalReport:
@@ -48,12 +54,14 @@ def retrieve(config, progress: Callable[[Path], None] | None = None, pacs: Pacs 
     pacs = pacs or connect(config)
     cache = InstanceCache(cache_dir(config))
     report = RetrievalReport(cache=cache.root)
-    all_series = _wanted_series(pacs, config.pacs.studies.modality, selection, report)
-    log.info("PACS lists %d %s series to retrieve", len(all_series), config.pacs.studies.modality)
+    all_series = _wanted_series(pacs, config.pacs.studies, selection, report)
+    report.series = len({ref.series_uid for ref in all_series})
+    log.info("PACS lists %d %s series to retrieve%s", report.series, config.pacs.studies.modality,
+             f" (in {len(all_series)} parts: some are filed under several studies)"
+             if len(all_series) > report.series else "")
     for number, series in enumerate(all_series, 1):
         sop_uids = pacs.find_instances(series)
         missing = cache.missing(series, sop_uids)
-        report.series += 1
         report.instances += len(sop_uids)
         report.cached += len(sop_uids) - len(missing)
         log.info("series %d/%d %s: %d instances, %d cached, fetching %d", number, len(all_series),
@@ -81,25 +89,46 @@ def retrieve_series(config, series: SeriesRef, pacs: Pacs | None = None) -> Path
     return cache.root / series.series_uid
 
 
-def _wanted_series(pacs: Pacs, modality: str, selection: StudySelection | None,
-                   report: RetrievalReport) -> list[SeriesRef]:
-    """Every series of the modality, or only those of the studies the labels name (each study once)."""
+def _wanted_studies(pacs: Pacs, query: StudyQuery, selection: StudySelection | None,
+                    report: RetrievalReport) -> list[str]:
+    """The StudyInstanceUIDs to retrieve: those the labels name, else those in the date range (or all)."""
     if selection is None:
-        return pacs.find_series(modality)
+        found = pacs.find_studies(query.modality, study_dates=query.study_dates)
+        kept = sorted({study.study_uid for study in found if query.admits_date(study.study_date)})
+        if query.study_dates is not None:
+            log.info("PACS: %d %s studies with StudyDate in %s", len(kept), query.modality, query.study_dates)
+        return kept
     study_uids = set(selection.study_uids)
     for accession in sorted(selection.accession_numbers):
-        found = pacs.find_studies(accession)
+        found = [s.study_uid for s in pacs.find_studies(query.modality, accession_number=accession)
+                 if s.accession_number == accession]      # exact: a PACS may match loosely
         if not found:
             report.unmatched += 1
-            log.warning("the PACS holds no study with accession number %s (named in the labels)", accession)
+            log.warning("the PACS holds no %s study with accession number %s (named in the labels)",
+                        query.modality, accession)
         study_uids.update(found)
+    return sorted(study_uids)
+
+
+def _wanted_series(pacs: Pacs, query: StudyQuery, selection: StudySelection | None,
+                   report: RetrievalReport) -> list[SeriesRef]:
+    """The series of the modality (and body parts) in the wanted studies.
+
+    A broken archive may file one SeriesInstanceUID under several studies: each part is
+    listed here and retrieved into the same cache folder, so it is read as one series, as
+    a folder export of it would be.
+    """
     series = []
-    for study_uid in sorted(study_uids):
-        found = pacs.find_series(modality, study_uid)
-        if not found and study_uid in selection.study_uids:
+    for study_uid in _wanted_studies(pacs, query, selection, report):
+        found = pacs.find_series(study_uid, query.modality)
+        if not found and selection is not None and study_uid in selection.study_uids:
             report.unmatched += 1
-            log.warning("the PACS holds no %s series of study %s (named in the labels)", modality, study_uid)
-        series += found
+            log.warning("the PACS holds no %s series of study %s (named in the labels)", query.modality, study_uid)
+        kept = [ref for ref in found if query.admits_body_part(ref.body_part)]
+        if len(kept) < len(found):
+            log.info("study %s: %d of %d series left out (BodyPartExamined not in %s)", study_uid,
+                     len(found) - len(kept), len(found), ", ".join(query.body_parts))
+        series += kept
     return series
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydicom.dataset import Dataset
@@ -24,20 +24,33 @@ def checked_uid(value: object, what: str) -> str:
 
 
 @dataclass(frozen=True)
+class StudyRef:
+    study_uid: str
+    study_date: str = field(default="", compare=False)        # StudyDate as the PACS answered it
+    accession_number: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
 class SeriesRef:
+    """A series of one study; the same SeriesInstanceUID may come in several studies of a broken archive."""
     study_uid: str
     series_uid: str
+    body_part: str = field(default="", compare=False)         # BodyPartExamined as the PACS answered it
 
 
 Store = Callable[[Dataset], None]
 
 
 class Pacs(Protocol):
-    """One connection to a PACS: list CT series (of all studies or one), find studies by accession, retrieve."""
+    """One connection to a PACS: one query per level (studies, series, instances) and retrieval.
 
-    def find_series(self, modality: str, study_uid: str | None = None) -> list[SeriesRef]: ...
+    The PACS is asked with the keys given; callers check its answers again (PACS match loosely).
+    """
 
-    def find_studies(self, accession_number: str) -> list[str]: ...
+    def find_studies(self, modality: str, *, study_dates: str | None = None,
+                     accession_number: str | None = None) -> list[StudyRef]: ...
+
+    def find_series(self, study_uid: str, modality: str) -> list[SeriesRef]: ...
 
     def find_instances(self, series: SeriesRef) -> list[str]: ...
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from deployment.deploy_guides import command, fill
 from orthanc_pacs import CALLED_AE, CALLING_AE, PASSWORD, USER, Orthanc, orthanc_fixture  # noqa: F401
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from client import cli as client_cli
 from client.check import check_site
@@ -79,9 +81,13 @@ def test_pacs_series_read_like_the_folder_and_are_fetched_once(tmp_path, hospita
                                                                capsys):
     folder, good, gap = hospital
     config = pacs_site(tmp_path / "pacs-site", orthanc, protocol)
+    fetch = fill(command("pasta-fed", "client", "fetch"), {"hospital.yaml": str(config.source)})  # the guide's
     with caplog.at_level(logging.DEBUG):
-        first = retrieve(config)
-    assert (first.series, first.instances, first.fetched, first.cached) == (2, 15, 15, 0)
+        assert pasta_fed(fetch[1:]) == 0
+    said = capsys.readouterr().out
+    assert f"2 series, 15 instances in {cache_dir(config)} (15 fetched now)" in said
+    first = retrieve(config)          # nothing left to fetch: the guide's command fetched it all
+    assert (first.series, first.instances, first.fetched, first.cached) == (2, 15, 0, 15)
     assert PASSWORD not in caplog.text
     cached = cache_state(config)
     assert len(cached) == 15 and all(name.endswith(".dcm") for name in cached)
@@ -239,9 +245,10 @@ def test_predict_a_pacs_series_and_store_its_seg_and_sr_back(tmp_path, w, orthan
     save_checkpoint(ckpt, build_model("tiny"))
     before = orthanc.instance_count()
     out = tmp_path / "pred"
-    assert pasta_fed(["client", "predict", "--config", str(config.source), "--study-uid", first.StudyInstanceUID,
-                      "--series-uid", first.SeriesInstanceUID, "--out", str(out), "--checkpoint", str(ckpt),
-                      "--store"]) == 0, capsys.readouterr().err
+    guide = fill(command("pasta-fed", "client", "predict", contains="--series-uid"), {
+        "hospital.yaml": str(config.source), "1.2.840.1": first.StudyInstanceUID,
+        "1.2.840.2": first.SeriesInstanceUID, "pred/": f"{out}/"})
+    assert pasta_fed([*guide[1:], "--checkpoint", str(ckpt)]) == 0, capsys.readouterr().err
     assert "stored: 2 instance(s) to DICOMweb" in capsys.readouterr().out
     assert orthanc.instance_count() == before + 2
     assert [p.name for p in cache_dir(config).iterdir()] == [first.SeriesInstanceUID]   # only that series
@@ -274,3 +281,134 @@ def test_a_jpeg2000_series_arrives_compressed_and_reads_like_the_folder(tmp_path
     case = read_case(from_pacs)
     np.testing.assert_array_equal(case.hu_array(), hu.astype(np.float32))
     np.testing.assert_allclose(case.origin, series.origin, atol=1e-6)
+
+
+def _set_tags(files: list[Path], **tags: str) -> None:
+    for path in files:
+        ds = dcmread(path)
+        for key, value in tags.items():
+            setattr(ds, key, value)
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_study_dates_and_body_parts_select_the_series_fetched(tmp_path, w, orthanc, protocol, caplog):
+    """Studies of 2023, 2024 (a chest and a head series) and 2025: the PACS is queried by date
+    and body part, and what it answers is checked again (a PACS matches loosely)."""
+    root = tmp_path / "export"
+    old, chest, head, new = (w.pydicom_series(root / name, w.ramp(), patient_id=f"P{k}",
+                                              rng=np.random.default_rng(k)) for k, name in enumerate(
+        ("old", "chest", "head", "new")))
+    _set_tags(old.files, StudyDate="20230615", BodyPartExamined="CHEST")
+    _file_as_study(head.files, _file_as_study(chest.files, None, "ACC-24"), "ACC-24")
+    _set_tags(chest.files, StudyDate="20240310", BodyPartExamined="CHEST")
+    _set_tags(head.files, StudyDate="20240310", BodyPartExamined="HEAD")
+    _set_tags(new.files, StudyDate="20250101", BodyPartExamined="ABDOMEN")
+    orthanc.upload([*old.files, *chest.files, *head.files, *new.files])
+
+    in_2024 = pacs_site(tmp_path / "site-2024", orthanc, protocol, studies={
+        "study_date_from": "2024-01-01", "study_date_to": "2024-12-31", "body_parts": ["chest"]})
+    with caplog.at_level(logging.INFO):
+        report = retrieve(in_2024)
+    assert {p.name for p in cache_dir(in_2024).iterdir()} == {chest.series_uid}
+    assert (report.series, report.instances) == (1, len(chest.files))
+    assert "1 of 2 series left out (BodyPartExamined not in chest)" in caplog.text
+
+    trunk = pacs_site(tmp_path / "site-trunk", orthanc, protocol, studies={"body_parts": ["CHEST", "ABDOMEN"]})
+    retrieve(trunk)
+    assert {p.name for p in cache_dir(trunk).iterdir()} == {old.series_uid, chest.series_uid, new.series_uid}
+
+    since_2024 = pacs_site(tmp_path / "site-since", orthanc, protocol, studies={"study_date_from": "2024-01-01"})
+    retrieve(since_2024)
+    assert {p.name for p in cache_dir(since_2024).iterdir()} == {chest.series_uid, head.series_uid, new.series_uid}
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_a_series_filed_under_two_studies_and_exported_twice_reads_like_its_folder(tmp_path, w, orthanc, protocol,
+                                                                                    capsys):
+    """Archives' oddities: one SeriesInstanceUID filed under two studies, and an export holding
+    some instances twice (in another folder). The PACS keeps one copy of each instance; the
+    folder is read one file per instance, so both give one whole series, the same verdict."""
+    images = tmp_path / "export"
+    series = w.pydicom_series(images / "part-1", w.ramp(), patient_id="P001")
+    second = images / "part-2"
+    second.mkdir()
+    moved = [path.rename(second / path.name) for path in series.files[4:]]
+    _file_as_study(moved, generate_uid(), "ACC-2")       # the second half under another study
+    copies = images / "copy"
+    copies.mkdir()
+    for path in series.files[:2]:
+        (copies / path.name).write_bytes(path.read_bytes())
+    orthanc.upload([*series.files[:4], *moved, *copies.iterdir()])
+    assert orthanc.instance_count() == 8 and len(orthanc.rest("GET", "/studies").json()) == 2
+
+    (tmp_path / "folder-site").mkdir()
+    folder = load_site_config(w.site_yaml(tmp_path / "folder-site", images))
+    config = pacs_site(tmp_path / "pacs-site", orthanc, protocol)
+    report = retrieve(config)
+    assert (report.series, report.instances) == (1, 8)
+    assert len(list((cache_dir(config) / series.series_uid).iterdir())) == 8
+    assert verdicts(config) == verdicts(folder)
+    assert cli_check(config, capsys) == cli_check(folder, capsys)
+    (case,) = check_site(config).cases
+    assert (case.case_id, case.status, tuple(case.shape)) == (series.case_id, "ok", series.hu.shape[::-1])
+    np.testing.assert_allclose(read_case(scan_site(config).cases[0]).hu_array(), series.hu, atol=1e-3)
+
+
+def test_whole_studies_are_predicted_and_stored_as_one_batch(tmp_path, w, orthanc, capsys, monkeypatch):
+    """The guide's `client predict --studies FILE --store` over DIMSE (C-STORE): every CT series of each
+    listed study with the model loaded once, a head series left out by body_parts, a study the PACS
+    lacks named in batch.json while the others go on."""
+    import pydicom
+
+    import pasta_model.predict as predict_module
+    from pasta_model.checkpoint import save_checkpoint
+    from pasta_model.network import build_model
+
+    def ct(k: int) -> np.ndarray:
+        return np.random.default_rng(k).normal(2100, 60, (12, 48, 48)).astype(np.int16)
+
+    root = tmp_path / "export"
+    one, chest, head = (w.pydicom_series(root / name, ct(k), spacing=(3.0, 3.0, 3.0), patient_id=f"P{k}",
+                                         rng=np.random.default_rng(k))
+                        for k, name in enumerate(("one", "chest", "head")))
+    _set_tags([*one.files, *chest.files], BodyPartExamined="CHEST")
+    _set_tags(head.files, BodyPartExamined="HEAD")
+    study_two = _file_as_study(chest.files, None, "ACC-2")
+    _file_as_study(head.files, study_two, "ACC-2")
+    orthanc.upload([*one.files, *chest.files, *head.files])
+    study_one, absent = str(pydicom.dcmread(one.files[0]).StudyInstanceUID), generate_uid()
+    studies = tmp_path / "studies.txt"
+    studies.write_text(f"# this week's studies\n{study_one}\n\n{absent}   # not on this PACS\n{study_two}\n")
+    config = pacs_site(tmp_path / "pacs-site", orthanc, "dimse", studies={"body_parts": ["CHEST"]})
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, build_model("tiny"))
+    loads, load = [], predict_module.load_checkpoint
+
+    def counted_load(*args, **kwargs):
+        loads.append(args)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "load_checkpoint", counted_load)
+    out = tmp_path / "predictions"
+    before = orthanc.instance_count()
+
+    guide = fill(command("pasta-fed", "client", "predict", contains="--studies"), {
+        "hospital.yaml": str(config.source), "studies.txt": str(studies), "predictions/": f"{out}/"})
+    assert pasta_fed([*guide[1:], "--checkpoint", str(ckpt)]) == 1          # one study failed
+    said = capsys.readouterr()
+    assert f"predicted 2 series of 3 study(ies) into {out}" in said.out
+    assert f"  {absent}: study {absent}: the PACS holds no CT series to predict" in said.out
+    outcome = json.loads((out / "batch.json").read_text())
+    assert outcome == {one.series_uid: "ok", chest.series_uid: "ok", absent: outcome[absent]}
+    assert len(loads) == 1                                                 # the model loaded once
+    for series in (one, chest):
+        seg = pydicom.dcmread(out / series.series_uid / "seg.dcm")
+        referenced = {ref.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence
+                      for ref in item.ReferencedInstanceSequence}
+        assert referenced == {pydicom.dcmread(f).SOPInstanceUID for f in series.files}
+    assert not (out / head.series_uid).exists() and not (cache_dir(config) / head.series_uid).exists()
+    assert orthanc.instance_count() == before + 4                          # a SEG and an SR for each, by C-STORE
+    stored = [orthanc.rest("GET", f"/instances/{i}/simplified-tags").json() for i in
+              orthanc.rest("GET", "/instances").json()]
+    assert sorted(t["Modality"] for t in stored if t["Modality"] != "CT") == ["SEG", "SEG", "SR", "SR"]

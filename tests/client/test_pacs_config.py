@@ -40,6 +40,19 @@ def test_studies_from_labels_is_off_unless_asked(tmp_path, site):
     assert (studies.from_labels, studies.modality) == (True, "CT")
 
 
+def test_study_dates_and_body_parts(tmp_path, site):
+    site["pacs"]["studies"] = {"study_date_from": "2024-01-01", "body_parts": ["chest", "ABDOMEN"]}
+    studies = _load(tmp_path, site).pacs.studies
+    assert studies.study_dates == "20240101-"              # open-ended DICOM range
+    assert [studies.admits_date(d) for d in ("20231231", "20240101", "20991231", "")] == [False, True, True, False]
+    assert [studies.admits_body_part(b) for b in ("CHEST", "abdomen ", "HEAD", "")] == [True, True, False, False]
+    site["pacs"]["studies"] = {"study_date_from": "2024-01-01", "study_date_to": "2024-03-31"}
+    studies = _load(tmp_path, site).pacs.studies
+    assert studies.study_dates == "20240101-20240331"
+    assert [studies.admits_date(d) for d in ("20240331", "20240401")] == [True, False]
+    assert studies.admits_body_part("")                     # no body_parts: every series
+
+
 def test_dimse_and_a_pacs_beside_the_folder(tmp_path, site):
     (tmp_path / "ct").mkdir()
     site["data"] = {"images": "ct"}
@@ -68,6 +81,13 @@ def test_dimse_and_a_pacs_beside_the_folder(tmp_path, site):
     (lambda c: c.update(pacs={"dimse": {"host": "h", "port": 104, "called_ae": "A" * 17}}),
      "pacs.dimse.called_ae: must be a DICOM AE title"),
     (lambda c: c.update(pacs="http://pacs"), "pacs: must be a mapping"),
+    (lambda c: c["pacs"].update(studies={"study_date_from": "2024-13-01"}), "pacs.studies.study_date_from: "),
+    (lambda c: c["pacs"].update(studies={"study_date_from": "2024-06-01", "study_date_to": "2024-01-01"}),
+     "study_date_from 2024-06-01 is after study_date_to 2024-01-01"),
+    (lambda c: c["pacs"].update(studies={"from_labels": True, "study_date_to": "2024-01-01"}),
+     "pacs.studies: from_labels selects studies by the labels CSV, study_date_from/study_date_to by date"),
+    (lambda c: c["pacs"].update(studies={"body_parts": ["CHEST", "*"]}),
+     "pacs.studies.body_parts.1: must be a DICOM BodyPartExamined value"),
 ])
 def test_bad_pacs_settings_name_the_file_and_key(tmp_path, site, edit, message):
     edit(site)

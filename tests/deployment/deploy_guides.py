@@ -34,7 +34,11 @@ EXERCISED: dict[tuple[str, ...], str] = {
     ("pasta-fed", "app", "sites"): "test_deployment.test_two_round_dp_run_over_tls",
     ("flwr", "log"): "test_deployment.test_two_round_dp_run_over_tls",
     ("tensorboard",): "test_deployment.test_two_round_dp_run_over_tls",
-    ("pasta-fed", "predict"): "test_deployment.test_two_round_dp_run_over_tls",
+    ("pasta-fed", "predict"): "test_deployment.test_two_round_dp_run_over_tls; "
+                              "test_dicom_results.test_predict_store_leaves_seg_and_sr_in_a_real_orthanc",
+    ("pasta-fed", "client", "fetch"): "test_pacs.test_pacs_series_read_like_the_folder_and_are_fetched_once",
+    ("pasta-fed", "client", "predict"): "test_pacs.test_predict_a_pacs_series_and_store_its_seg_and_sr_back; "
+                                        "test_pacs.test_whole_studies_are_predicted_and_stored_as_one_batch",
     ("make", "venv"): "test_guides.test_install_target_exists (dry run)",
     ("pasta-fed", "client", "check"): "test_deployment.test_two_round_dp_run_over_tls",
     ("flower-supernode",): "cluster.Cluster.start_supernode (every deployment test)",

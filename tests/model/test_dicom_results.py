@@ -14,6 +14,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from deployment.deploy_guides import command, fill
 from orthanc_pacs import PASSWORD, USER, orthanc_fixture  # noqa: F401
 from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
@@ -237,9 +238,10 @@ def test_predict_store_leaves_seg_and_sr_in_a_real_orthanc(series, orthanc, tmp_
     login = tmp_path / "pacs.json"
     login.write_text(json.dumps({"username": USER, "password": PASSWORD}))
     out = tmp_path / "pred"
-    assert cli_main(["predict", "--checkpoint", str(root / "model.safetensors"), "--image", str(root / "series"),
-                     "--out", str(out), "--device", "cpu", "--store", orthanc.dicomweb,
-                     "--store-credentials", str(login)]) == 0
+    guide = fill(command("pasta-fed", "predict", contains="--store"), {   # the hospital guide's command
+        "/data/ct/series-001": str(root / "series"), "pred/": f"{out}/", "https://pacs.example.org/dicom-web":
+        orthanc.dicomweb, "/etc/pasta-fed/pacs.json": str(login)})
+    assert cli_main([*guide[1:], "--checkpoint", str(root / "model.safetensors"), "--device", "cpu"]) == 0
     assert f"stored: 2 instance(s) to {orthanc.dicomweb}" in capsys.readouterr().out
     assert orthanc.instance_count() == before + 2
     stored = {}

@@ -151,6 +151,21 @@ def test_a_batch_loads_the_model_once_and_goes_on_past_a_broken_ct(setup, tmp_pa
     assert "pasta-fed predict: error: 1 CT(s) could not be read" in printed.err
 
 
+def test_a_ct_thinner_than_the_detection_window_is_predicted(setup, tmp_path):
+    """A short scan (12 slices of 3 mm, fewer voxels than the detect window) used to fail in
+    detection: the window centre lay past the volume, so the crop came out cut."""
+    _, ckpt, _ = setup
+    short = tmp_path / "short.nii.gz"
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(np.random.default_rng(2).normal(40, 20, (48, 48, 12)).astype(np.float32), affine),
+             short)
+    out = tmp_path / "pred"
+    assert cli_main(["predict", "--checkpoint", str(ckpt), "--image", str(short), "--out", str(out)]) == 0
+    detection = json.loads((out / "report.json").read_text())["detection"]
+    assert set(detection) >= {"any", "liver"} and all(0 <= v <= 1 for v in detection.values())
+    assert nib.load(out / "mask.nii.gz").shape == (48, 48, 12)
+
+
 def test_lesion_components_measure_volume_and_extent():
     m = np.zeros((20, 20, 20), np.uint8)
     m[2:6, 2:4, 2:3] = 1          # 4x2x1 = 8 voxels
