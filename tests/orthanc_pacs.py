@@ -7,6 +7,7 @@ title allowed to C-FIND and C-GET. Tests skip, saying how to install it, when it
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,25 @@ import pytest
 from simulation.orthanc import INSTALL, ORTHANC_AE, PLUGIN, USER, installed, start_orthanc, stop_orthanc
 from simulation.orthanc import OrthancServer as Orthanc
 
-__all__ = ["CALLED_AE", "CALLING_AE", "PASSWORD", "PLUGIN", "USER", "Orthanc", "orthanc_fixture"]
+__all__ = ["CALLED_AE", "CALLING_AE", "PASSWORD", "PLUGIN", "USER", "Orthanc", "orthanc_fixture", "own_orthanc"]
 PASSWORD = "s3cret-pacs-password"
 CALLING_AE, CALLED_AE = "PASTAFED", ORTHANC_AE
 
 
-@pytest.fixture(name="orthanc")
-def orthanc_fixture(tmp_path: Path) -> Iterator[Orthanc]:
-    """An empty Orthanc of the test's own (it starts in about a second), killed at teardown."""
+@contextmanager
+def own_orthanc(home: Path, **kwargs) -> Iterator[Orthanc]:
+    """An empty Orthanc of the test's own (it starts in about a second), killed on the way out;
+    skips the test, saying how to install it, when Orthanc is absent. kwargs: start_orthanc's (tls)."""
     if not installed():
         pytest.skip(f"Orthanc with its DICOMweb plugin is not installed; {INSTALL}")
-    server = start_orthanc(tmp_path / "orthanc", password=PASSWORD, peer_ae=CALLING_AE)
+    server = start_orthanc(home, password=PASSWORD, peer_ae=CALLING_AE, **kwargs)
     try:
         yield server
     finally:
         stop_orthanc(server, grace_s=0)    # its storage goes with the test; a clean stop takes 3.5 s
+
+
+@pytest.fixture(name="orthanc")
+def orthanc_fixture(tmp_path: Path) -> Iterator[Orthanc]:
+    with own_orthanc(tmp_path / "orthanc") as server:
+        yield server

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from orthanc_pacs import CALLING_AE, PASSWORD, Orthanc
+from orthanc_pacs import CALLING_AE, Orthanc, own_orthanc
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 from test_pacs import cli_check, hospital, pacs_site, verdicts  # noqa: F401  (hospital: a fixture)
@@ -38,7 +39,7 @@ from server.certs.pki import (
     new_ec_key,
 )
 from simulation.cli import main as pasta_fed
-from simulation.orthanc import INSTALL, OrthancTls, installed, start_orthanc, stop_orthanc
+from simulation.orthanc import OrthancTls
 
 
 def make_client_cert(ca: KeyAndCert, name: str) -> KeyAndCert:
@@ -91,23 +92,13 @@ def pki(tmp_path) -> SimpleNamespace:
 @pytest.fixture
 def start_tls_orthanc(tmp_path, pki) -> Iterator[Callable[..., Orthanc]]:
     """Start an Orthanc speaking only HTTPS and DICOM TLS (mutual TLS on request); all killed at teardown."""
-    if not installed():
-        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed; {INSTALL}")
-    started: list[Orthanc] = []
+    with ExitStack() as started:
+        def start(*, mutual: bool = False) -> Orthanc:
+            tls = OrthancTls(*pki.server, ca=pki.ca, client_ca=pki.ca if mutual else None,
+                             client=pki.agent if mutual else None)
+            return started.enter_context(own_orthanc(tmp_path / f"orthanc-{id(tls)}", tls=tls))
 
-    def start(*, mutual: bool = False) -> Orthanc:
-        tls = OrthancTls(*pki.server, ca=pki.ca, client_ca=pki.ca if mutual else None,
-                         client=pki.agent if mutual else None)
-        server = start_orthanc(tmp_path / f"orthanc-{len(started)}", password=PASSWORD, peer_ae=CALLING_AE,
-                               tls=tls)
-        started.append(server)
-        return server
-
-    try:
         yield start
-    finally:
-        for server in started:
-            stop_orthanc(server, grace_s=0)
 
 
 @pytest.fixture
@@ -245,13 +236,8 @@ def test_predict_store_sends_seg_and_sr_back(tmp_path, w, tls, protocol, pki, st
 @pytest.fixture
 def plain_orthanc(tmp_path) -> Iterator[Orthanc]:
     """A plain (no TLS) Orthanc, as test_pacs' `orthanc` fixture starts it."""
-    if not installed():
-        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed; {INSTALL}")
-    server = start_orthanc(tmp_path / "plain-orthanc", password=PASSWORD, peer_ae=CALLING_AE)
-    try:
+    with own_orthanc(tmp_path / "plain-orthanc") as server:
         yield server
-    finally:
-        stop_orthanc(server, grace_s=0)
 
 
 def a_seg_file(path: Path) -> Path:
