@@ -126,7 +126,7 @@ def _wanted_series(pacs: Pacs, query: StudyQuery, selection: StudySelection | No
             log.warning("the PACS holds no %s series of study %s (named in the labels)", query.modality, study_uid)
         kept = [ref for ref in found if query.admits_body_part(ref.body_part)]
         if len(kept) < len(found):
-            log.info("study %s: %d of %d series left out (BodyPartExamined not in %s)", study_uid,
+            log.info("study %s: %d of %d series left out (BodyPartExamined missing or not one of %s)", study_uid,
                      len(found) - len(kept), len(found), ", ".join(query.body_parts))
         series += kept
     return series

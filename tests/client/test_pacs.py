@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import yaml
@@ -109,6 +110,18 @@ def test_pacs_series_read_like_the_folder_and_are_fetched_once(tmp_path, hospita
     np.testing.assert_allclose(a.hu_array(), good.hu, atol=1e-3)
     assert (a.origin, a.spacing, a.direction) == (b.origin, b.spacing, b.direction)
     np.testing.assert_allclose(a.direction, good.direction, atol=1e-6)
+
+    # `client show` on the PACS site writes the same volume and montage as on the folder site
+    shown = {}
+    for name, site in (("pacs", config), ("folder", folder)):
+        nii, png = tmp_path / "qa" / f"{name}.nii.gz", tmp_path / "qa" / f"{name}.png"
+        assert pasta_fed(["client", "show", "--config", str(site.source), "--case", good.case_id,
+                          "--nifti", str(nii), "--png", str(png)]) == 0
+        shown[name] = (nib.load(str(nii)), png.read_bytes())
+    np.testing.assert_array_equal(np.asarray(shown["pacs"][0].dataobj), np.asarray(shown["folder"][0].dataobj))
+    np.testing.assert_array_equal(shown["pacs"][0].affine, shown["folder"][0].affine)
+    assert shown["pacs"][1] == shown["folder"][1] and shown["pacs"][1][:4] == b"\x89PNG"
+    capsys.readouterr()
 
     # a second ingestion fetches nothing and leaves every cached file untouched
     second = retrieve(config)
@@ -312,7 +325,7 @@ def test_study_dates_and_body_parts_select_the_series_fetched(tmp_path, w, ortha
         report = retrieve(in_2024)
     assert {p.name for p in cache_dir(in_2024).iterdir()} == {chest.series_uid}
     assert (report.series, report.instances) == (1, len(chest.files))
-    assert "1 of 2 series left out (BodyPartExamined not in chest)" in caplog.text
+    assert "1 of 2 series left out (BodyPartExamined missing or not one of chest)" in caplog.text
 
     trunk = pacs_site(tmp_path / "site-trunk", orthanc, protocol, studies={"body_parts": ["CHEST", "ABDOMEN"]})
     retrieve(trunk)
