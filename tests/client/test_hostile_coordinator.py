@@ -18,6 +18,7 @@ from privacy_checks import dp_accounting_epsilon
 
 from client.app import handle_evaluate, handle_query, handle_train
 from client.features import validation_patients
+from client.pacs.retrieve import retrieve
 from client.privacy.ledger import PrivacyLedger
 from client.site_config import load_site_config
 from client.task import REFUSED_BACKBONE, SiteAgent
@@ -244,3 +245,48 @@ def test_ledger_epsilon_of_a_mixed_run_is_what_the_audit_log_alone_gives(pretrai
     theirs = _epsilon_from_audit_alone(yaml_path)
     assert ours <= theirs * (1 + 1e-9) and theirs == pytest.approx(ours, rel=1e-2)
     assert ours <= 30.0
+
+
+def test_no_coordinator_message_makes_the_agent_reach_the_pacs(pretrained, tmp_path):
+    """A site naming a PACS: train, evaluate and query messages (a coordinator's every way in) read
+    only what `client fetch` put in the cache; none opens a connection to the PACS, so the
+    coordinator cannot make the hospital's PACS serve it, nor learn its address or answers."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class CountingPacs(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CountingPacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root, pre, model, meta = pretrained
+        yaml_path = write_hospital(tmp_path, "withpacs", 40, seed=21, epsilon=20.0, backbone=pre)
+        cfg = yaml.safe_load(yaml_path.read_text())
+        cfg["pacs"] = {"dicomweb": f"http://127.0.0.1:{server.server_port}/dicom-web"}
+        yaml_path.write_text(yaml.safe_dump(cfg))
+        heads = heads_to_arrays(model, "report")
+        config = round_config(meta.backbone_sha256, 1, rounds=2)
+        replies = [_train(yaml_path, heads, config), _evaluate(yaml_path, heads, config),
+                   handle_query(query_message({"action": "has-backbone", "backbone-sha256": meta.backbone_sha256,
+                                               "preset": "tiny"}), node_context(yaml_path),
+                                resolve_from_node_config)]
+        assert [r.has_error() for r in replies] == [False, False, False], \
+            [r.error.reason for r in replies if r.has_error()]
+        assert asked == []
+        assert not (yaml_path.parent / "state" / "pacs-cache").exists()
+        retrieve(load_site_config(yaml_path))          # the same PACS does answer the hospital's own fetch
+        assert asked and asked[0].startswith("/dicom-web/studies")
+    finally:
+        server.shutdown()
+        server.server_close()
