@@ -156,9 +156,13 @@ def format_report(report: CheckReport) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
     s = report.summary
-    lines += ["", f"site {s['site']}: {s['usable']} usable of {s['cases']} "
-                  f"({', '.join(f'{k} {v}' for k, v in sorted(s['status'].items()))}), "
-                  f"{s['patients']} patients"]
+    if not s["cases"]:
+        lines += ["", f"site {s['site']}: no case found (nothing readable under data.images, and nothing in "
+                      f"the PACS cache: with a pacs, run `pasta-fed client fetch` first)"]
+    else:
+        lines += ["", f"site {s['site']}: {s['usable']} usable of {s['cases']} "
+                      f"({', '.join(f'{k} {v}' for k, v in sorted(s['status'].items()))}), "
+                      f"{s['patients']} patients"]
     lines.append("usable per task: " + ", ".join(f"{t} {n}" for t, n in s["usable_per_task"].items()))
     if s["tasks_below_min_cases"]:
         lines.append(f"below {s['min_cases_for_metrics']} cases (no metrics will be sent): "

@@ -24,7 +24,10 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pasta-fed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pasta-fed", description="PASTA-Fed: hospitals fine-tune a pan-tumor CT foundation model together, "
+                                      "with differential privacy, and no CT leaves a hospital. Guides: docs/ "
+                                      "(hospital-guide.md, coordinator-guide.md, simulation.md).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

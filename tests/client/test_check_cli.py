@@ -114,6 +114,13 @@ def test_check_fails_only_when_no_case_is_usable(tmp_path, w, rng, capsys):
     assert json.loads(capsys.readouterr().out)["summary"]["usable"] == 0
 
 
+def test_an_empty_site_says_no_case_was_found_and_where_to_look(tmp_path, w, capsys):
+    (tmp_path / "images").mkdir()
+    assert run_cli(["client", "check", "--config", str(w.site_yaml(tmp_path, tmp_path / "images"))]) == 1
+    out = capsys.readouterr().out
+    assert "no case found (nothing readable under data.images" in out and "0 usable of 0" not in out
+
+
 def test_bad_config_is_reported_with_its_key(tmp_path, w, capsys):
     (tmp_path / "images").mkdir()
     config = w.site_yaml(tmp_path, tmp_path / "images", device="gpu")
