@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pasta_model.predict import predict_many, write_batch_report
 
-from .retrieve import connect, retrieve_series
+from .retrieve import admitted_series, connect, retrieve_series
 from .store import store_results
 from .types import PacsError
 
@@ -36,8 +36,7 @@ def fetch_studies(config, study_uids: list[str]) -> tuple[dict[str, Path], dict[
     problems: dict[str, str] = {}
     for number, study_uid in enumerate(study_uids, 1):
         try:
-            found = [ref for ref in pacs.find_series(study_uid, query.modality)
-                     if query.admits_body_part(ref.body_part)]
+            found = admitted_series(query, study_uid, pacs.find_series(study_uid, query.modality))
             if not found:
                 raise PacsError(f"study {study_uid}: the PACS holds no {query.modality} series to predict")
             log.info("study %d/%d %s: %d series", number, len(study_uids), study_uid, len(found))

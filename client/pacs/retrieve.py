@@ -124,12 +124,17 @@ def _wanted_series(pacs: Pacs, query: StudyQuery, selection: StudySelection | No
         if not found and selection is not None and study_uid in selection.study_uids:
             report.unmatched += 1
             log.warning("the PACS holds no %s series of study %s (named in the labels)", query.modality, study_uid)
-        kept = [ref for ref in found if query.admits_body_part(ref.body_part)]
-        if len(kept) < len(found):
-            log.info("study %s: %d of %d series left out (BodyPartExamined missing or not one of %s)", study_uid,
-                     len(found) - len(kept), len(found), ", ".join(query.body_parts))
-        series += kept
+        series += admitted_series(query, study_uid, found)
     return series
+
+
+def admitted_series(query: StudyQuery, study_uid: str, found: list[SeriesRef]) -> list[SeriesRef]:
+    """The series of one study that pacs.studies.body_parts admits (the left-out ones logged)."""
+    kept = [ref for ref in found if query.admits_body_part(ref.body_part)]
+    if len(kept) < len(found):
+        log.info("study %s: %d of %d series left out (BodyPartExamined missing or not one of %s)", study_uid,
+                 len(found) - len(kept), len(found), ", ".join(query.body_parts))
+    return kept
 
 
 def _fetch(pacs: Pacs, cache: InstanceCache, series: SeriesRef, missing: list[str], *, whole: bool,
